@@ -1,0 +1,47 @@
+"""The `sae` console command: one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jobs.common import KEYS_HELP, add_config_args
+from pipelines.config import SOURCES, presets
+
+# subcommand -> (module under jobs/, one-line help). Each module has DESCRIPTION and command(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("jobs.ingest", "raw data -> validated Parquet feature vectors"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae",
+        description="Learn 2-D maps of high-dimensional data with a stacked autoencoder, on Spark.",
+        epilog="Run `sae COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=getattr(mod, "DESCRIPTION", help_),
+            epilog=KEYS_HELP.format(sources=", ".join(SOURCES), presets=", ".join(presets())),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
+        add_config_args(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.command(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""One typed root config for every job.
+
+Layering: ``conf/base.yaml`` < the ``--config`` file < ``conf/presets/NAME.yaml`` < dotted
+``key=value`` overrides. Every layer is checked against the dataclasses below, so an unknown key
+or a bad value fails before Spark starts, with an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    items: int = 2000
+    tags: int = 64
+    genres: int = 8
+    seed: int = 7
+    # Share of items given an incomplete vector or a broken line, to exercise quarantine.
+    defect_rate: float = 0.0
+    partitions: int = 0  # 0 = Spark's default parallelism
+
+    def __post_init__(self) -> None:
+        if self.items < 1 or self.tags < 1 or self.genres < 1:
+            raise ValueError("data.synthetic: items, tags and genres must be >= 1")
+        if not 0.0 <= self.defect_rate < 1.0:
+            raise ValueError(f"data.synthetic.defect_rate: must be in [0, 1), got {self.defect_rate}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc"] = "mnist"
+    # A directory or a file; relative paths are resolved against the working directory.
+    input: str = "data/mnist"
+    # Cap on items read (0 = all); handy for smoke runs on real downloads.
+    limit: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ValueError(f"data.limit: must be >= 0, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    # Every output of one pipeline lives under this root: features/, items/, codes/, ...
+    root: str = "out/default"
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    app_name: str = "sae"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    # MLflow model URI; empty = the registered model's `champion` alias, else the pipeline's latest run.
+    model_uri: str = ""
+    k: int = 10
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    # Which layer's activations to compare: -1 = the code layer; 3 = the 250-wide layer of 1128-1000-500-250-2.
+    layer: int = -1
+    method: Literal["auto", "exact", "grid", "lsh"] = "auto"
+    # Up to this many items the exact all-pairs top-k is used when method=auto.
+    exact_max_items: int = 20000
+    batch_size: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"infer.k: must be >= 1, got {self.k}")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    # Empty = sqlite:///<paths.root>/mlflow.db (MLflow 3 refuses a file: store).
+    tracking_uri: str = ""
+    experiment: str = "sae"
+    registered_model: str = "sae"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and not (prefix.endswith(".conf") or prefix.endswith(".options")):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "presets").glob("*.yaml"))
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: str | None = None,
+) -> Config:
+    """Resolve the layered config; raises ConfigError naming the first bad key."""
+    merged: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = [("conf/base.yaml", _read_yaml(CONF_DIR / "base.yaml"))]
+    if config_file:
+        layers.append((str(config_file), _read_yaml(Path(config_file))))
+    if preset:
+        path = CONF_DIR / "presets" / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"--preset {preset!r}: no such preset; choose one of {presets()}")
+        layers.append((f"preset {preset}", _read_yaml(path)))
+    for origin, layer in layers:
+        # Check each layer on its own so the error says which file holds the bad key.
+        _check_keys(Config, layer, "", origin)
+        _deep_merge(merged, layer)
+    for item in overrides:
+        key, value = _parse_override(item)
+        nested = _nest(Config, key, value)
+        _check_keys(Config, nested, "", f"override {item!r}")
+        _deep_merge(merged, nested)
+    return build(Config, merged)
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, coercing and checking every value."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], key)
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{sorted(unknown)[0]!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check_keys(cls: type, data: Any, prefix: str, origin: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(f"{origin}: unknown config key {prefix}{k!r}; known keys here: {sorted(names)}")
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            _check_keys(hints[k], v, f"{prefix}{k}.", origin)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.seed=1")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key")
+    return key, _parse_scalar(raw)
+
+
+def _parse_scalar(raw: str) -> Any:
+    # YAML gives lists ([1,2]), numbers and booleans the same syntax as in the files.
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _nest(cls: Any, key: str, value: Any) -> dict[str, Any]:
+    """``a.b.c=v`` -> ``{a: {b: {c: v}}}``; below a free-form mapping (``spark.conf``) the
+    rest of the key stays whole, so ``spark.conf.spark.sql.ansi.enabled=false`` works."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return {head: value}
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    sub = hints.get(head)
+    if sub is not None and typing.get_origin(sub) is dict:
+        return {head: {rest: value}}
+    return {head: _nest(sub, rest, value)}
+
+
+def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v

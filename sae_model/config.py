@@ -1,0 +1,109 @@
+"""Model and training settings, owned by the model package.
+
+Plain frozen dataclasses so they can be built without Spark; the root config in
+``pipelines.config`` composes them and does the loading and validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Input width first, code width last; the decoder mirrors the encoder.
+    layers: list[int] = field(default_factory=lambda: [784, 1000, 500, 250, 2])
+    activation: Literal["sigmoid", "relu", "gelu"] = "sigmoid"
+    # Hinton & Salakhutdinov keep the code layer linear so the map is not squashed into a box.
+    code_activation: Literal["linear", "sigmoid"] = "linear"
+    output_activation: Literal["sigmoid", "linear"] = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if len(self.layers) < 2:
+            raise ValueError("model.layers: need at least an input and a code width, e.g. [784, 2]")
+        if any(int(w) <= 0 for w in self.layers):
+            raise ValueError(f"model.layers: every width must be positive, got {self.layers}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    method: Literal["autoencoder", "rbm", "none"] = "autoencoder"
+    epochs: int = 15
+    lr: float = 0.1
+    momentum: float = 0.9
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: int = 100
+    weight_decay: float = 0.0
+    # Denoising pretraining: fraction of inputs zeroed (0 = plain autoencoder).
+    corruption: float = 0.0
+    # Contrastive-divergence steps for pretrain.method=rbm.
+    cd_k: int = 1
+
+    def __post_init__(self) -> None:
+        _check_phase("pretrain", self.epochs, self.lr, self.batch_size)
+        if not 0.0 <= self.corruption < 1.0:
+            raise ValueError(f"pretrain.corruption: must be in [0, 1), got {self.corruption}")
+        if self.cd_k < 1:
+            raise ValueError(f"pretrain.cd_k: must be >= 1, got {self.cd_k}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 5
+    lr: float = 0.01
+    momentum: float = 0.9
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    batch_size: int = 100
+    weight_decay: float = 0.0
+    loss: Literal["mse", "bce", "tsne", "umap"] = "mse"
+    # Weight of the reconstruction term when loss is a neighbour loss (tsne/umap).
+    recon_weight: float = 0.0
+    perplexity: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_phase("finetune", self.epochs, self.lr, self.batch_size, allow_zero_epochs=True)
+        if self.recon_weight < 0:
+            raise ValueError(f"finetune.recon_weight: must be >= 0, got {self.recon_weight}")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    num_processes: int = 1
+    use_gpu: bool = False
+    local_mode: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1:
+            raise ValueError(f"train.distributed.num_processes: must be >= 1, got {self.num_processes}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    # Share of items (by a hash of item_id) held out for validation.
+    val_fraction: float = 0.1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: bool = False
+    # Datasets up to this size are loaded once and kept on the device; larger ones stream.
+    in_memory_max_mb: int = 2048
+    # Parallel Petastorm reader workers when streaming.
+    reader_workers: int = 2
+    threads: int = 0  # 0 = torch default (all cores)
+    progress: bool = True
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"train.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.in_memory_max_mb < 0:
+            raise ValueError(f"train.in_memory_max_mb: must be >= 0, got {self.in_memory_max_mb}")
+
+
+def _check_phase(name: str, epochs: int, lr: float, batch_size: int, allow_zero_epochs: bool = True) -> None:
+    if epochs < 0 or (epochs == 0 and not allow_zero_epochs):
+        raise ValueError(f"{name}.epochs: must be >= 0, got {epochs}")
+    if lr <= 0:
+        raise ValueError(f"{name}.lr: must be > 0, got {lr}")
+    if batch_size < 1:
+        raise ValueError(f"{name}.batch_size: must be >= 1, got {batch_size}")

@@ -1,0 +1,67 @@
+import pytest
+
+from pipelines.config import Config, ConfigError, load_config
+
+
+def test_defaults_layer_base_then_file_then_preset_then_overrides(tmp_path):
+    local = tmp_path / "local.yaml"
+    local.write_text("paths:\n  root: /tmp/x\nfinetune:\n  epochs: 3\n")
+    cfg = load_config(local, ["finetune.epochs=7", "model.layers=[10,4,2]"], preset="tag_genome")
+    assert cfg.paths.root == "/tmp/x"  # from the file
+    assert cfg.data.source == "tag_genome"  # from the preset
+    assert cfg.pretrain.lr == 1.0 and cfg.pretrain.batch_size == 5  # the talk's settings
+    assert cfg.finetune.epochs == 7  # override beats preset beats file
+    assert cfg.model.layers == [10, 4, 2]
+
+
+def test_presets_reproduce_the_talk():
+    tg = load_config(preset="tag_genome")
+    assert tg.model.layers == [1128, 1000, 500, 250, 2]
+    assert (tg.pretrain.epochs, tg.pretrain.lr, tg.finetune.epochs, tg.finetune.lr) == (15, 1.0, 75, 0.1)
+    assert tg.finetune.loss == "mse" and tg.finetune.batch_size == 5
+    mn = load_config(preset="mnist")
+    assert mn.model.layers == [784, 1000, 500, 250, 2]
+    assert (mn.pretrain.epochs, mn.finetune.epochs) == (15, 5)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("data.sourc=mnist", "data.*sourc"),
+        ("nope.x=1", "nope"),
+        ("data.source=parquet", "data.source: must be one of"),
+        ("train.seed=abc", "train.seed: expected an integer"),
+        ("pretrain.lr=-1", "pretrain.lr"),
+        ("model.layers=[784,0,2]", "model.layers"),
+        ("finetune.loss=l1", "finetune.loss"),
+        ("justakey", "expected dotted.key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spark:\n  mastr: local[1]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*mastr"):
+        load_config(bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="no such preset"):
+        load_config(preset="imagenet")
+
+
+def test_free_form_spark_conf_keeps_dotted_key():
+    cfg = load_config(None, ["spark.conf.spark.sql.ansi.enabled=false"])
+    assert cfg.spark.conf == {"spark.sql.ansi.enabled": "False"} or cfg.spark.conf == {"spark.sql.ansi.enabled": "false"}
+
+
+def test_flat_and_hash_are_stable():
+    a, b = load_config(), load_config()
+    assert a.hash() == b.hash()
+    assert load_config(None, ["train.seed=1"]).hash() != a.hash()
+    flat = a.flat()
+    assert flat["model.layers"] == Config().model.layers and "pretrain.method" in flat
