@@ -39,7 +39,9 @@ def _row_blocks(n: int, per_row: int, block_size: int | None) -> Iterator[slice]
         yield slice(start, min(n, start + rows))
 
 
-def _sq_dists_block(a_block: np.ndarray, a_sq_block: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+def _sq_dists_block(
+    a_block: np.ndarray, a_sq_block: np.ndarray, b: np.ndarray, b_sq: np.ndarray
+) -> np.ndarray:
     """Squared Euclidean distances of a block of rows to all rows of ``b`` (float64, >= 0)."""
     d = a_sq_block[:, None] + b_sq[None, :] - 2.0 * (a_block @ b.T)
     np.maximum(d, 0.0, out=d)
@@ -227,7 +229,9 @@ def knn_label_share(
 # --------------------------------------------------------------------------------------------
 
 
-def _rank_penalty(rank_space: np.ndarray, neighbor_space: np.ndarray, k: int, block_size: int | None) -> float:
+def _rank_penalty(
+    rank_space: np.ndarray, neighbor_space: np.ndarray, k: int, block_size: int | None
+) -> float:
     """Sum over i and over j in i's k-NN in ``neighbor_space`` of max(0, r(i, j) - k), where r is
     the 1-based rank of j among i's neighbours in ``rank_space`` (ties: lower index first)."""
     n = rank_space.shape[0]
@@ -292,7 +296,9 @@ def _is_multilabel(labels: Any) -> bool:
     return len(labels) > 0 and all(isinstance(v, list | tuple | set | frozenset | np.ndarray) for v in labels)
 
 
-def _map_metrics(prefix: str, x_val: np.ndarray, codes: np.ndarray, labels: Any, k_knn: int, k_tw: int) -> dict:
+def _map_metrics(
+    prefix: str, x_val: np.ndarray, codes: np.ndarray, labels: Any, k_knn: int, k_tw: int
+) -> dict:
     metrics: dict[str, float] = {}
     if labels is not None:
         if _is_multilabel(labels):
@@ -327,8 +333,11 @@ def evaluate_map(
     if codes_val.shape[0] != x_val.shape[0]:
         raise ValueError(f"codes_val: {codes_val.shape[0]} rows but x_val has {x_val.shape[0]}")
     width = codes_val.shape[1]
-    metrics: dict[str, float] = {"n_train": float(x_train.shape[0]), "n_val": float(x_val.shape[0]),
-                                 "code_dim": float(width)}
+    metrics: dict[str, float] = {
+        "n_train": float(x_train.shape[0]),
+        "n_val": float(x_val.shape[0]),
+        "code_dim": float(width),
+    }
     if recon_val is not None:
         metrics["ae_squared_error"] = squared_error_per_item(x_val, recon_val)
     metrics.update(_map_metrics("ae", x_val, codes_val, labels_val, k_knn, k_tw))
@@ -370,9 +379,7 @@ def _panel_title(name: str, width: int) -> str:
     return name if width <= 2 else f"{name} (PCA of {width}-D codes)"
 
 
-def plot_maps_side_by_side(
-    maps: Mapping[str, Any], labels: Any, path: str | Path, title: str = ""
-) -> Path:
+def plot_maps_side_by_side(maps: Mapping[str, Any], labels: Any, path: str | Path, title: str = "") -> Path:
     """Write a PNG with one scatter panel per map, points coloured by label.
 
     Codes wider than 2 are shown through a 2-D PCA of themselves (the panel title says so).
@@ -396,16 +403,24 @@ def plot_maps_side_by_side(
         ]
         classes, colour_idx = np.unique(np.asarray(flat, dtype=object).astype(str), return_inverse=True)
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
-    for ax, (name, codes) in zip(axes, maps.items(), strict=True):
-        codes = _as_2d_float64(codes, f"maps[{name!r}]")
+    for ax, (name, raw_codes) in zip(axes, maps.items(), strict=True):
+        codes = _as_2d_float64(raw_codes, f"maps[{name!r}]")
         width = codes.shape[1]
         xy = PCA(2).fit_transform(codes) if width > 2 else codes
         if xy.shape[1] == 1:
             xy = np.column_stack([xy[:, 0], np.zeros(len(xy))])
         if colour_idx is not None and classes is not None:
             cmap = "tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "viridis"
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=colour_idx, cmap=cmap, s=4, alpha=0.7,
-                            vmin=0, vmax=max(len(classes) - 1, 1))
+            sc = ax.scatter(
+                xy[:, 0],
+                xy[:, 1],
+                c=colour_idx,
+                cmap=cmap,
+                s=4,
+                alpha=0.7,
+                vmin=0,
+                vmax=max(len(classes) - 1, 1),
+            )
             if len(classes) <= 20:
                 handles, _ = sc.legend_elements(num=list(range(len(classes))))
                 ax.legend(handles, list(classes), fontsize=6, markerscale=0.6, loc="best")
