@@ -1,0 +1,449 @@
+"""Map-quality metrics: how well a low-dimensional map keeps the data's structure.
+
+Pure numpy (float64 wherever distances are compared), computed in row blocks so that
+n=10,000 x d=784 needs a few hundred MB at most and never an n x n matrix at once.
+
+Conventions used throughout:
+- Distances are Euclidean; neighbours exclude the point itself.
+- Ties in distance are broken by the lower item index, everywhere (kNN lists and ranks use
+  the same rule, so "j is among i's k nearest" and "rank of j from i <= k" always agree).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Budget for one block of temporaries, in elements (64M booleans = 64 MB; the float64 distance
+# block next to it is k+1 times smaller). Row blocks are sized from it, so memory stays bounded
+# (a few hundred MB at n=10,000) instead of growing with n^2.
+_BLOCK_ELEMENTS = 64_000_000
+
+
+def _as_2d_float64(a: Any, name: str) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (items x dims), got shape {arr.shape}")
+    return arr
+
+
+def _row_blocks(n: int, per_row: int, block_size: int | None) -> Iterator[slice]:
+    rows = block_size if block_size is not None else max(1, _BLOCK_ELEMENTS // max(1, per_row))
+    for start in range(0, n, rows):
+        yield slice(start, min(n, start + rows))
+
+
+def _sq_dists_block(
+    a_block: np.ndarray, a_sq_block: np.ndarray, b: np.ndarray, b_sq: np.ndarray
+) -> np.ndarray:
+    """Squared Euclidean distances of a block of rows to all rows of ``b`` (float64, >= 0)."""
+    d = a_sq_block[:, None] + b_sq[None, :] - 2.0 * (a_block @ b.T)
+    np.maximum(d, 0.0, out=d)
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction
+# --------------------------------------------------------------------------------------------
+
+
+def squared_error_per_item(x: Any, x_hat: Any) -> float:
+    """Mean over items of the summed squared error over dims (Hinton's "squared error per image")."""
+    x = _as_2d_float64(x, "x")
+    x_hat = _as_2d_float64(x_hat, "x_hat")
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x_hat: shape {x_hat.shape} does not match x {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("x: no items")
+    total = 0.0
+    for sl in _row_blocks(x.shape[0], x.shape[1], None):
+        diff = x[sl] - x_hat[sl]
+        total += float(np.einsum("ij,ij->", diff, diff))
+    return total / x.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# PCA
+# --------------------------------------------------------------------------------------------
+
+
+class PCA:
+    """Principal components by exact SVD of the centred data (float64).
+
+    Sign convention: each component's entry of largest magnitude is positive (the first such
+    entry on exact ties), so fitting the same data twice, or its negation, gives the same axes.
+    """
+
+    def __init__(self, n_components: int) -> None:
+        if n_components < 1:
+            raise ValueError(f"n_components: must be >= 1, got {n_components}")
+        self.n_components = int(n_components)
+        self.mean_: np.ndarray | None = None
+        self.components_: np.ndarray | None = None
+        self.singular_values_: np.ndarray | None = None
+        self.explained_variance_: np.ndarray | None = None
+        self.explained_variance_ratio_: np.ndarray | None = None
+
+    def fit(self, x: Any) -> PCA:
+        x = _as_2d_float64(x, "x")
+        n, d = x.shape
+        if self.n_components > min(n, d):
+            raise ValueError(f"n_components={self.n_components} exceeds min(n_items, n_dims)={min(n, d)}")
+        self.mean_ = x.mean(axis=0)
+        xc = x - self.mean_
+        _, s, vt = np.linalg.svd(xc, full_matrices=False)
+        biggest = np.argmax(np.abs(vt), axis=1)
+        signs = np.sign(vt[np.arange(vt.shape[0]), biggest])
+        signs[signs == 0] = 1.0
+        vt *= signs[:, None]
+        var = s**2 / max(n - 1, 1)
+        total = var.sum()
+        self.components_ = vt[: self.n_components]
+        self.singular_values_ = s[: self.n_components]
+        self.explained_variance_ = var[: self.n_components]
+        self.explained_variance_ratio_ = (
+            var[: self.n_components] / total if total > 0 else np.zeros(self.n_components)
+        )
+        return self
+
+    def _check_fitted(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.mean_ is None or self.components_ is None:
+            raise RuntimeError("PCA: call fit() first")
+        return self.mean_, self.components_
+
+    def transform(self, x: Any) -> np.ndarray:
+        mean, comps = self._check_fitted()
+        x = _as_2d_float64(x, "x")
+        if x.shape[1] != mean.shape[0]:
+            raise ValueError(f"x: expected {mean.shape[0]} dims, got {x.shape[1]}")
+        return (x - mean) @ comps.T
+
+    def inverse_transform(self, z: Any) -> np.ndarray:
+        mean, comps = self._check_fitted()
+        z = _as_2d_float64(z, "z")
+        if z.shape[1] != comps.shape[0]:
+            raise ValueError(f"z: expected {comps.shape[0]} components, got {z.shape[1]}")
+        return z @ comps + mean
+
+    def fit_transform(self, x: Any) -> np.ndarray:
+        return self.fit(x).transform(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Neighbours
+# --------------------------------------------------------------------------------------------
+
+
+def _check_k(k: int, n: int, name: str = "k") -> None:
+    if k < 1:
+        raise ValueError(f"{name}: must be >= 1, got {k}")
+    if k > n - 1:
+        raise ValueError(f"{name}={k}: needs at least k+1 items, got {n}")
+
+
+def knn_indices(x: Any, k: int, *, block_size: int | None = None) -> np.ndarray:
+    """Exact k nearest neighbours of every row (self excluded), nearest first; shape (n, k).
+
+    Ties are broken by the lower index, so the result is deterministic.
+    """
+    x = _as_2d_float64(x, "x")
+    n = x.shape[0]
+    _check_k(k, n)
+    sq = np.einsum("ij,ij->i", x, x)
+    out = np.empty((n, k), dtype=np.int64)
+    # A distance block of rows x n float64 plus a few same-sized temporaries.
+    for sl in _row_blocks(n, 8 * n, block_size):
+        d = _sq_dists_block(x[sl], sq[sl], x, sq)
+        rows = np.arange(sl.stop - sl.start)
+        d[rows, rows + sl.start] = np.inf
+        cand = np.argpartition(d, k - 1, axis=1)[:, :k]
+        kth = d[rows[:, None], cand].max(axis=1)
+        cand_d = d[rows[:, None], cand]
+        # Sort the k candidates by (distance, index).
+        order = np.lexsort((cand, cand_d), axis=1)
+        block = np.take_along_axis(cand, order, axis=1)
+        # Where the k-th distance is shared with points outside the candidates, argpartition's
+        # choice is arbitrary: redo those rows with a stable sort (lowest index wins).
+        n_le = (d <= kth[:, None]).sum(axis=1)
+        for r in np.flatnonzero(n_le > k):
+            block[r] = np.argsort(d[r], kind="stable")[:k]
+        out[sl] = block
+    return out
+
+
+def _encode_labels(labels: Any, n: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels: expected {n} labels in a 1-D array, got shape {labels.shape}")
+    _, codes = np.unique(labels, return_inverse=True)
+    return codes.reshape(-1)
+
+
+def knn_accuracy(codes: Any, labels: Any, k: int = 5, *, block_size: int | None = None) -> float:
+    """Leave-one-out k-NN classification accuracy on the map.
+
+    Each item is classified by a majority vote of its k nearest other items. A tie between
+    labels goes to the tied label whose nearest voter is closest (so k=1 behaviour is recovered
+    and the result is deterministic).
+    """
+    codes = _as_2d_float64(codes, "codes")
+    n = codes.shape[0]
+    y = _encode_labels(labels, n)
+    nn = knn_indices(codes, k, block_size=block_size)
+    neigh = y[nn]  # (n, k), nearest first
+    votes = (neigh[:, :, None] == neigh[:, None, :]).sum(axis=2)  # votes for the label at each slot
+    score = votes * (k + 1) - np.arange(k)[None, :]  # more votes first, then the nearer slot
+    pred = neigh[np.arange(n), np.argmax(score, axis=1)]
+    return float(np.mean(pred == y))
+
+
+def knn_label_share(
+    codes: Any, label_sets: Sequence[Any], k: int = 5, *, block_size: int | None = None
+) -> float:
+    """Mean share of each item's k nearest neighbours that share at least one label with it.
+
+    For multi-label items (e.g. Tag Genome genres). Items with no labels cannot share one, so
+    they are left out as queries (they still count as neighbours of others).
+    """
+    codes = _as_2d_float64(codes, "codes")
+    n = codes.shape[0]
+    if len(label_sets) != n:
+        raise ValueError(f"label_sets: expected {n} label sets, got {len(label_sets)}")
+    sets = [frozenset([s] if isinstance(s, str) else s) for s in label_sets]
+    queries = [i for i in range(n) if sets[i]]
+    if not queries:
+        raise ValueError("label_sets: every item has an empty label set")
+    nn = knn_indices(codes, k, block_size=block_size)
+    shares = [sum(1 for j in nn[i] if not sets[i].isdisjoint(sets[j])) / k for i in queries]
+    return float(np.mean(shares))
+
+
+# --------------------------------------------------------------------------------------------
+# Trustworthiness and continuity (Venna & Kaski)
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_penalty(
+    rank_space: np.ndarray, neighbor_space: np.ndarray, k: int, block_size: int | None
+) -> float:
+    """Sum over i and over j in i's k-NN in ``neighbor_space`` of max(0, r(i, j) - k), where r is
+    the 1-based rank of j among i's neighbours in ``rank_space`` (ties: lower index first)."""
+    n = rank_space.shape[0]
+    nn = knn_indices(neighbor_space, k, block_size=block_size)
+    sq = np.einsum("ij,ij->i", rank_space, rank_space)
+    total = 0
+    # Each block holds (rows x k x n) booleans: size the rows from that.
+    for sl in _row_blocks(n, n * (k + 1), block_size):
+        rows = np.arange(sl.stop - sl.start)
+        d = _sq_dists_block(rank_space[sl], sq[sl], rank_space, sq)
+        d[rows, rows + sl.start] = np.inf  # self never ranks before anyone
+        j = nn[sl]  # (b, k)
+        dj = d[rows[:, None], j]  # (b, k)
+        rank = 1 + np.count_nonzero(d[:, None, :] < dj[:, :, None], axis=2)
+        # Exact distance ties (j itself always equals): the lower index ranks first. Rare in
+        # real data, so only the affected (row, neighbour) pairs pay for the index comparison.
+        n_equal = np.count_nonzero(d[:, None, :] == dj[:, :, None], axis=2)
+        for r, c in zip(*np.nonzero(n_equal > 1), strict=True):
+            rank[r, c] += np.count_nonzero((d[r] == dj[r, c]) & (np.arange(n) < j[r, c]))
+        total += int(np.maximum(rank - k, 0).sum())
+    return float(total)
+
+
+def _venna_kaski(rank_space: Any, neighbor_space: Any, k: int, block_size: int | None) -> float:
+    a = _as_2d_float64(rank_space, "x")
+    b = _as_2d_float64(neighbor_space, "codes")
+    n = a.shape[0]
+    if b.shape[0] != n:
+        raise ValueError(f"codes: {b.shape[0]} rows but x has {n}")
+    if k < 1 or not k < n / 2:
+        raise ValueError(f"k={k}: trustworthiness/continuity need 1 <= k < n/2 (n={n})")
+    penalty = _rank_penalty(a, b, k, block_size)
+    return 1.0 - 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * penalty
+
+
+def trustworthiness(x: Any, codes: Any, k: int = 12, *, block_size: int | None = None) -> float:
+    """Venna & Kaski trustworthiness: are the map's neighbours real neighbours? (1 = perfect)
+
+    T(k) = 1 - 2/(n k (2n - 3k - 1)) * sum_i sum_{j in U_k(i)} (r(i, j) - k), where U_k(i) are
+    the map neighbours of i that are not among its k input-space neighbours and r(i, j) is the
+    rank of j from i in input space.
+    """
+    return _venna_kaski(x, codes, k, block_size)
+
+
+def continuity(x: Any, codes: Any, k: int = 12, *, block_size: int | None = None) -> float:
+    """Venna & Kaski continuity: are the real neighbours kept as map neighbours? (1 = perfect)
+
+    Trustworthiness with the roles of input space and map swapped.
+    """
+    return _venna_kaski(codes, x, k, block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation report
+# --------------------------------------------------------------------------------------------
+
+
+def _is_multilabel(labels: Any) -> bool:
+    if isinstance(labels, np.ndarray) and labels.dtype != object:
+        return labels.ndim == 2  # a 2-D array cannot be a list of labels; treat rows as sets
+    return len(labels) > 0 and all(isinstance(v, list | tuple | set | frozenset | np.ndarray) for v in labels)
+
+
+def _map_metrics(
+    prefix: str, x_val: np.ndarray, codes: np.ndarray, labels: Any, k_knn: int, k_tw: int
+) -> dict:
+    metrics: dict[str, float] = {}
+    if labels is not None:
+        if _is_multilabel(labels):
+            metrics[f"{prefix}_knn_label_share"] = knn_label_share(codes, list(labels), k_knn)
+        else:
+            metrics[f"{prefix}_knn_accuracy"] = knn_accuracy(codes, labels, k_knn)
+    metrics[f"{prefix}_trustworthiness"] = trustworthiness(x_val, codes, k_tw)
+    metrics[f"{prefix}_continuity"] = continuity(x_val, codes, k_tw)
+    return metrics
+
+
+def evaluate_map(
+    x_train: Any,
+    x_val: Any,
+    codes_val: Any,
+    labels_val: Any = None,
+    recon_val: Any = None,
+    k_knn: int = 5,
+    k_tw: int = 12,
+) -> dict[str, float]:
+    """Score an autoencoder map of ``x_val`` against PCA of the same width fitted on ``x_train``.
+
+    Returns flat float metrics (ready for ``mlflow.log_metrics``) with ``ae_`` and ``pca_``
+    prefixes: squared error per item (AE only if ``recon_val`` is given), kNN accuracy (or the
+    kNN label share when ``labels_val`` holds label sets), trustworthiness and continuity.
+    """
+    x_train = _as_2d_float64(x_train, "x_train")
+    x_val = _as_2d_float64(x_val, "x_val")
+    codes_val = _as_2d_float64(codes_val, "codes_val")
+    if x_val.shape[1] != x_train.shape[1]:
+        raise ValueError(f"x_val: {x_val.shape[1]} dims but x_train has {x_train.shape[1]}")
+    if codes_val.shape[0] != x_val.shape[0]:
+        raise ValueError(f"codes_val: {codes_val.shape[0]} rows but x_val has {x_val.shape[0]}")
+    width = codes_val.shape[1]
+    metrics: dict[str, float] = {
+        "n_train": float(x_train.shape[0]),
+        "n_val": float(x_val.shape[0]),
+        "code_dim": float(width),
+    }
+    if recon_val is not None:
+        metrics["ae_squared_error"] = squared_error_per_item(x_val, recon_val)
+    metrics.update(_map_metrics("ae", x_val, codes_val, labels_val, k_knn, k_tw))
+
+    pca = PCA(width).fit(x_train)
+    pca_codes = pca.transform(x_val)
+    metrics["pca_squared_error"] = squared_error_per_item(x_val, pca.inverse_transform(pca_codes))
+    metrics["pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
+    metrics.update(_map_metrics("pca", x_val, pca_codes, labels_val, k_knn, k_tw))
+    return metrics
+
+
+def format_metrics_table(metrics: Mapping[str, float]) -> str:
+    """Plain-text table: one row per metric, columns autoencoder | PCA; other keys listed above."""
+    rows: dict[str, dict[str, float]] = {}
+    other: list[str] = []
+    for key, value in metrics.items():
+        prefix, _, name = key.partition("_")
+        if prefix in ("ae", "pca") and name:
+            rows.setdefault(name, {})[prefix] = value
+        else:
+            other.append(f"{key}: {value:g}")
+    width = max([len("metric")] + [len(name) for name in rows])
+    lines = list(other)
+    lines.append(f"{'metric':<{width}}  {'autoencoder':>12}  {'PCA':>12}")
+    lines.append(f"{'-' * width}  {'-' * 12}  {'-' * 12}")
+    for name, cols in rows.items():
+        cells = [f"{cols[c]:12.4f}" if c in cols else f"{'-':>12}" for c in ("ae", "pca")]
+        lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures and optional UMAP baseline
+# --------------------------------------------------------------------------------------------
+
+
+def _panel_title(name: str, width: int) -> str:
+    return name if width <= 2 else f"{name} (PCA of {width}-D codes)"
+
+
+def plot_maps_side_by_side(maps: Mapping[str, Any], labels: Any, path: str | Path, title: str = "") -> Path:
+    """Write a PNG with one scatter panel per map, points coloured by label.
+
+    Codes wider than 2 are shown through a 2-D PCA of themselves (the panel title says so).
+    Multi-label items are coloured by their first label. Uses the Agg canvas directly, so it
+    never touches pyplot's global state or needs a display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not maps:
+        raise ValueError("maps: need at least one map to plot")
+    path = Path(path)
+    fig = Figure(figsize=(5 * len(maps), 5), dpi=100)
+    FigureCanvasAgg(fig)
+    colour_idx = None
+    classes: np.ndarray | None = None
+    if labels is not None:
+        flat = [
+            (sorted(v)[0] if len(v) else "") if isinstance(v, list | tuple | set | frozenset) else v
+            for v in labels
+        ]
+        classes, colour_idx = np.unique(np.asarray(flat, dtype=object).astype(str), return_inverse=True)
+    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    for ax, (name, raw_codes) in zip(axes, maps.items(), strict=True):
+        codes = _as_2d_float64(raw_codes, f"maps[{name!r}]")
+        width = codes.shape[1]
+        xy = PCA(2).fit_transform(codes) if width > 2 else codes
+        if xy.shape[1] == 1:
+            xy = np.column_stack([xy[:, 0], np.zeros(len(xy))])
+        if colour_idx is not None and classes is not None:
+            cmap = "tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "viridis"
+            sc = ax.scatter(
+                xy[:, 0],
+                xy[:, 1],
+                c=colour_idx,
+                cmap=cmap,
+                s=4,
+                alpha=0.7,
+                vmin=0,
+                vmax=max(len(classes) - 1, 1),
+            )
+            if len(classes) <= 20:
+                handles, _ = sc.legend_elements(num=list(range(len(classes))))
+                ax.legend(handles, list(classes), fontsize=6, markerscale=0.6, loc="best")
+        else:
+            ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.7)
+        ax.set_title(_panel_title(name, width))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> np.ndarray | None:
+    """UMAP baseline codes for ``x_val`` (fitted on ``x_train``), or None if umap-learn is missing."""
+    try:
+        import umap  # type: ignore[import-not-found]
+    except ImportError:
+        log.info("umap-learn is not installed: skipping the UMAP baseline")
+        return None
+    reducer = umap.UMAP(n_components=dim, random_state=seed)
+    reducer.fit(np.asarray(x_train, dtype=np.float32))
+    return np.asarray(reducer.transform(np.asarray(x_val, dtype=np.float32)), dtype=np.float64)
