@@ -46,9 +46,11 @@ def test_classify_gives_each_bad_line_its_reason(spark):
 
 
 def _pivot(spark, rows, limit_id=None):
-    movies = tg.aggregate_movies(tg.classify_scores(_lines(spark, rows), TAG_IDS, spark), len(TAG_IDS))
+    classified = tg.classify_scores(_lines(spark, rows), TAG_IDS, spark)
+    movies = tg.aggregate_movies(classified, len(TAG_IDS))
     features = {r["item_id"]: r["features"] for r in tg.vectors(movies, limit_id).collect()}
-    quarantine = tg.quarantined(movies, TAG_IDS, "scores.csv", limit_id).collect()
+    quarantine = tg.bad_lines(classified, "scores.csv").collect()
+    quarantine += tg.unused_lines(movies, TAG_IDS, "scores.csv", limit_id).collect()
     return features, quarantine
 
 
