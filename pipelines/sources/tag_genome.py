@@ -227,6 +227,6 @@ def genome_result(
         rows_in=rows_in,
         rows_used=lambda: features.count() * dim,
         extra={"tag_ids": tag_ids},
-        cleanup=lambda: (movies.unpersist(), bad.unpersist()) and None,
+        cleanup=lambda: [df.unpersist() for df in (movies, bad)] and None,
     )
 
