@@ -43,6 +43,7 @@ def test_submitted_job_runs_shipped_code_on_both_executors(spark_cluster, tmp_pa
     root = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_", "SAE_"))}
     env["SAE_DIST"] = str(tmp_path / "dist")
+    env["SPARK_LOCAL_IP"] = "127.0.0.1"  # the driver binds here too, never to the machine's address
     proc = subprocess.run(
         [
             str(ROOT / "scripts" / "submit.sh"),
@@ -60,10 +61,12 @@ def test_submitted_job_runs_shipped_code_on_both_executors(spark_cluster, tmp_pa
         ],
         check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=180,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    errors = "\n".join(line for line in proc.stderr.splitlines() if " INFO " not in line)
+    assert proc.returncode == 0, errors[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["master"] == spark_cluster
     assert summary["rows"] == 4 * 5  # 4 partitions of 5 rows
+    assert summary["executors"] == 2  # one per worker
 
     table = pq.read_table(root / "cluster_check")
     assert table.num_rows == 20
