@@ -98,18 +98,23 @@ def under_spark_submit() -> bool:
 def build_spark(cfg: Config) -> Any:
     from pyspark.sql import SparkSession
 
-    # Python workers must run this interpreter (with the project's pinned packages), not `python3`.
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    if not under_spark_submit():
-        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        check_java()
     builder = SparkSession.builder.appName(cfg.spark.app_name)
     if not under_spark_submit():
-        # spark-submit's --master and --driver-memory win when present.
-        builder = builder.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
+        # Python workers must run this interpreter (with the project's pinned packages), not `python3`.
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        check_java()
+        builder = (
+            builder.master(cfg.spark.master)
+            .config("spark.driver.memory", cfg.spark.driver_memory)
+            .config("spark.pyspark.python", sys.executable)
+        )
+    # Under spark-submit its --master, --driver-memory and the executors' Python win: on a cluster the
+    # executors' interpreter (e.g. ./environment/bin/python from --archives) need not exist here.
+    elif not os.environ.get("PYSPARK_PYTHON"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     builder = (
-        builder.config("spark.pyspark.python", sys.executable)
-        .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
+        builder.config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,22 @@ import yaml
 
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def conf_dir() -> Path:
+    """Where ``base.yaml`` and ``presets/`` live.
+
+    ``SAE_CONF_DIR`` if set; else ``conf/`` beside the source tree (a checkout or an editable
+    install); else ``./conf``. The fallbacks matter under ``spark-submit --py-files``, where this
+    module is imported from a zip and ``__file__`` points inside it, and in an installed wheel.
+    """
+    env = os.environ.get("SAE_CONF_DIR")
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parent.parent / "conf"
+    return beside if (beside / "base.yaml").is_file() else Path("conf").absolute()
+
+
+CONF_DIR = conf_dir()
 SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc")
 
 
@@ -141,7 +157,7 @@ class Config:
 
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "presets").glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir() / "presets").glob("*.yaml"))
 
 
 def load_config(
@@ -151,11 +167,11 @@ def load_config(
 ) -> Config:
     """Resolve the layered config; raises ConfigError naming the first bad key."""
     merged: dict[str, Any] = {}
-    layers: list[tuple[str, dict[str, Any]]] = [("conf/base.yaml", _read_yaml(CONF_DIR / "base.yaml"))]
+    layers: list[tuple[str, dict[str, Any]]] = [("conf/base.yaml", _read_yaml(conf_dir() / "base.yaml"))]
     if config_file:
         layers.append((str(config_file), _read_yaml(Path(config_file))))
     if preset:
-        path = CONF_DIR / "presets" / f"{preset}.yaml"
+        path = conf_dir() / "presets" / f"{preset}.yaml"
         if not path.exists():
             raise ConfigError(f"--preset {preset!r}: no such preset; choose one of {presets()}")
         layers.append((f"preset {preset}", _read_yaml(path)))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Spark's Python workers must run the interpreter that runs the tests (with the pinned packages).
 os.environ["PYSPARK_PYTHON"] = sys.executable
@@ -32,3 +37,25 @@ def spark(tmp_path_factory):
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+def _load_script(name: str) -> ModuleType:
+    """Import ``scripts/NAME.py`` (plain scripts, not a package) without touching sys.path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(tmp_path_factory):
+    """A real standalone cluster on 127.0.0.1 (master + two 1-core/1g workers); yields its master URL.
+
+    Separate from ``spark``: only tests that spark-submit through a cluster ask for it. Ports are
+    picked free at start; the daemons' process groups (executors included) are killed at teardown,
+    also when a test fails, and by the kernel if pytest itself dies (PR_SET_PDEATHSIG).
+    """
+    cluster_mod = _load_script("standalone_cluster")
+    with cluster_mod.StandaloneCluster(tmp_path_factory.mktemp("standalone-cluster")) as cluster:
+        yield cluster.master_url
