@@ -91,6 +91,8 @@ class TrainConfig:
     reader_workers: int = 2
     threads: int = 0  # 0 = torch default (all cores)
     progress: bool = True
+    # Continue an unfinished checkpoint of the same config without --resume (after a crash or kill).
+    auto_resume: bool = True
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
