@@ -156,7 +156,7 @@ def scan_stats(uri: str, dim: int) -> None:
 
 def epoch_seed(seed: int, stage: int, epoch: int) -> int:
     """The data-order seed of one epoch of one stage: nothing to store to resume it."""
-    return int(_splitmix64(np.array([seed * 1_000_003 + stage * 10_007 + epoch], dtype=np.int64).view(np.uint64))[0] >> np.uint64(1))
+    return int(_splitmix64(np.array([seed * 1_000_003 + stage * 10_007 + epoch], dtype=np.int64).view(np.uint64))[0] >> np.uint64(33))
 
 
 class InMemorySource:

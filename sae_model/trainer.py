@@ -216,7 +216,10 @@ class Trainer:
                 if self.pre.method == "rbm"
                 else list(m.encoders[layer].parameters()) + list(m.decoders[layer].parameters())
             )
-        return make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay)
+        lr = c.lr
+        if stage.kind == "pretrain" and self.pre.method == "rbm" and stage.layer == m.depth - 1:
+            lr *= self.pre.rbm_linear_lr_scale
+        return make_optimizer(params, c.optimizer, lr, c.momentum, c.weight_decay)
 
     # ---- checkpoints
 
@@ -278,7 +281,7 @@ class Trainer:
     # ---- epochs
 
     def _batches(self, stage: Stage, seed: int) -> Iterator[torch.Tensor]:
-        it = self.source.batches("train", stage.batch_size, shuffle=True, seed=seed)
+        it = self.source.batches("train", stage.batch_size, shuffle=self.tc.shuffle, seed=seed)
         if not self.progress:
             return it
         from tqdm import tqdm
