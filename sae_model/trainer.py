@@ -186,6 +186,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self._exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
         self._saved_here = 0
+        self._val_rows = -1
         self.progress = train_cfg.progress and sys.stderr.isatty()
         self.amp = train_cfg.mixed_precision and device.type == "cuda"
 
@@ -339,6 +340,7 @@ class Trainer:
                 loss = F.mse_loss(m.dec_acts[layer](m.decoders[layer](h)), x)
             total += float(loss) * xb.shape[0]
             count += xb.shape[0]
+        self._val_rows = count
         return total / count if count else float("nan")
 
     def fit(self, start: tuple[int, int] | None = None) -> None:
@@ -360,7 +362,9 @@ class Trainer:
                 t0 = time.monotonic()
                 train_loss = self.train_epoch(stage, epoch)
                 val_loss = self.evaluate(stage)
-                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                # No validation rows (train.val_fraction=0) gives a NaN validation loss: not a divergence.
+                val_ok = math.isfinite(val_loss) or (math.isnan(val_loss) and self._val_rows == 0)
+                if not (math.isfinite(train_loss) and val_ok):
                     where = f"layer {stage.layer}, " if stage.layer is not None else ""
                     raise TrainingDiverged(
                         f"training diverged in {stage.kind} ({where}epoch {epoch + 1}/{stage.epochs}): "

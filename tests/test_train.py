@@ -223,3 +223,10 @@ def test_train_job_composes_the_root_config(data_root, tmp_path):
     assert (root / "mlflow.db").exists()
     meta = json.loads((root / "checkpoints" / cfg.hash() / "meta.json").read_text())
     assert meta["finished"] and meta["run_id"] == out["run_id"]
+
+
+def test_no_validation_rows_is_not_a_divergence(data_root, tmp_path):
+    m, p, f, _ = small()
+    r = train(m, p, FinetuneConfig(epochs=1, lr=1.0, batch_size=50), TrainConfig(seed=1, progress=False, val_fraction=0.0),
+              feats(data_root), None, OFF, tmp_path / "ck")
+    assert r.metrics == {}
