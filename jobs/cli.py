@@ -12,6 +12,7 @@ from pipelines.config import SOURCES, presets
 # subcommand -> (module under jobs/, one-line help). Each module has DESCRIPTION and command(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("jobs.ingest", "raw data -> validated Parquet feature vectors"),
+    "train": ("jobs.train", "pretrain + fine-tune the autoencoder on features/, log to MLflow"),
 }
 
 

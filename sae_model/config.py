@@ -39,6 +39,8 @@ class PretrainConfig:
     corruption: float = 0.0
     # Contrastive-divergence steps for pretrain.method=rbm.
     cd_k: int = 1
+    # The RBM with linear (Gaussian) code units needs a smaller step: Hinton's code uses 0.001 vs 0.1.
+    rbm_linear_lr_scale: float = 0.01
 
     def __post_init__(self) -> None:
         _check_phase("pretrain", self.epochs, self.lr, self.batch_size)
@@ -91,6 +93,10 @@ class TrainConfig:
     reader_workers: int = 2
     threads: int = 0  # 0 = torch default (all cores)
     progress: bool = True
+    # Reshuffle training rows every epoch (seeded by train.seed, the stage and the epoch).
+    shuffle: bool = True
+    # Continue an unfinished checkpoint of the same config without --resume (after a crash or kill).
+    auto_resume: bool = True
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,111 @@
+"""Train job: features/ -> a trained stacked autoencoder, logged and registered in MLflow.
+
+    sae train --config conf/local.yaml --preset tag_genome paths.root=out/tg
+    sae train --config conf/local.yaml --resume          # continue after a crash or kill
+    spark-submit jobs/train.py --config conf/local.yaml finetune.epochs=10
+
+Training needs no SparkSession in local mode; the job only composes the root config into the
+plain arguments of ``sae_model.trainer.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from jobs.common import log, new_parser, record_config, resolve, setup_logging
+from pipelines.config import Config, ConfigError
+from pipelines.publish import is_local, local_path, table_uri
+
+DESCRIPTION = "Pretrain layer by layer, fine-tune the unrolled autoencoder, log and register the model in MLflow."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint (same MLflow run)")
+    parser.add_argument("--checkpoint-dir", default=None, help="default: <paths.root>/checkpoints/<config hash>/")
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if not is_local(cfg.paths.root):
+        raise ConfigError("mlflow.tracking_uri: must be set when paths.root is not a local path")
+    root = local_path(cfg.paths.root)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def manifest_hash(features_uri: str) -> str:
+    path = local_path(features_uri) / "_manifest.json" if is_local(features_uri) else None
+    if path is None or not path.exists():
+        return "none"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) -> dict:
+    from sae_model.tracking import git_commit
+    from sae_model.trainer import MlflowSettings, TrainingError, train
+
+    features = table_uri(cfg.paths.root, "features")
+    items = table_uri(cfg.paths.root, "items")
+    ckpt = checkpoint_dir or str(local_path(cfg.paths.root) / "checkpoints" / cfg.hash())
+    record_config(cfg, "train")
+    settings = MlflowSettings(
+        tracking_uri=tracking_uri(cfg),
+        experiment=cfg.mlflow.experiment,
+        registered_model=cfg.mlflow.registered_model,
+        params=cfg.flat(),
+        tags={
+            "git_commit": git_commit(Path(__file__).resolve().parent.parent),
+            "data_manifest_hash": manifest_hash(features),
+            "config_hash": cfg.hash(),
+            "stage": "train",
+        },
+        config_text=cfg.to_yaml(),
+    )
+    try:
+        result = train(
+            cfg.model, cfg.pretrain, cfg.finetune, cfg.train, features, items, settings, ckpt,
+            resume=resume, fingerprint=cfg.hash(),
+        )
+    except TrainingError as exc:
+        raise ConfigError(str(exc)) from exc
+    log.info("train done: run %s, model %s version %s", result.run_id, result.model_uri, result.model_version)
+    return {
+        "model_uri": result.model_uri,
+        "run_id": result.run_id,
+        "model_version": result.model_version,
+        "checkpoint_dir": result.checkpoint_dir,
+        "metrics": result.metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = new_parser("sae train", DESCRIPTION)
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+def command(args: argparse.Namespace) -> int:
+    from sae_model.data import DataError
+    from sae_model.trainer import TrainingDiverged
+
+    setup_logging()
+    cfg = resolve(args)
+    try:
+        out = run(cfg, resume=args.resume, checkpoint_dir=args.checkpoint_dir)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The one place training reads ``features/``: Petastorm streaming, an in-memory load, the split.
+
+Both paths produce the same batches for ``shuffle=False``: the table's rows in Petastorm's
+natural row-group order (files sorted by path, row groups in file order), the validation items
+removed by the same hash of ``item_id``, cut into batches of exactly ``batch_size`` (the last one
+shorter). With ``shuffle=True`` the in-memory path applies a permutation seeded by
+``(seed, epoch)`` (reproducible, also after a resume); the streaming path shuffles row groups with
+the same seed and rows in a shuffling buffer, which is statistically equivalent but not the same
+order. Swap the reader here and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+log = logging.getLogger(__name__)
+
+ID_COL = "item_id"
+FEATURES_COL = "features"
+MANIFEST = "_manifest.json"
+
+
+class DataError(ValueError):
+    """``features/`` does not fit the model or the contract; the message names the problem."""
+
+
+# ---------------------------------------------------------------- paths and the split
+
+
+def to_uri(path: str | Path) -> str:
+    """A ``file://`` URI for local paths (Petastorm wants URIs), other URIs unchanged."""
+    s = str(path)
+    if "://" in s:
+        return s
+    return "file://" + str(Path(s).resolve())
+
+
+def local_dir(uri: str) -> Path:
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if "://" in uri:
+        raise DataError(f"{uri}: only local (file://) tables can be loaded in memory here")
+    return Path(uri)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def is_validation(item_ids: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Deterministic split: ``splitmix64(item_id) / 2**64 < val_fraction``, the same on every path and host."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.asarray(item_ids, dtype=np.int64).view(np.uint64))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+
+
+# ---------------------------------------------------------------- inspecting the table
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    uri: str
+    rows: int
+    dim: int
+    nbytes: int  # float32 bytes of the feature matrix
+    manifest: dict
+
+
+def _files(root: Path) -> list[Path]:
+    files = sorted(p for p in root.rglob("*.parquet") if not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts))
+    return files
+
+
+def inspect_table(uri: str, expected_dim: int) -> TableInfo:
+    """Check the contract before training: present, non-empty, fixed width == ``expected_dim``."""
+    root = local_dir(uri)
+    if not root.exists():
+        raise DataError(f"features table {uri} does not exist; run `sae ingest` first")
+    files = _files(root)
+    if not files:
+        raise DataError(f"features table {uri} is empty: no Parquet files")
+    manifest: dict = {}
+    if (root / MANIFEST).exists():
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    schema = pq.read_schema(files[0])
+    for col in (ID_COL, FEATURES_COL):
+        if col not in schema.names:
+            raise DataError(f"features table {uri}: column {col!r} is missing (have {schema.names})")
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if rows == 0:
+        raise DataError(f"features table {uri} is empty: 0 rows")
+    first = pq.ParquetFile(files[0]).read_row_group(0, columns=[FEATURES_COL]).column(0)
+    dim = len(first[0].as_py()) if len(first) else int(manifest.get("dim", 0))
+    if dim != expected_dim:
+        raise DataError(
+            f"features width is {dim} but model.layers[0] is {expected_dim}; "
+            f"set model.layers=[{dim},...] (features table {uri})"
+        )
+    return TableInfo(uri=uri, rows=rows, dim=dim, nbytes=rows * dim * 4, manifest=manifest)
+
+
+def _as_matrix(col: pa.ChunkedArray | pa.Array, dim: int, where: str) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if arr.null_count:
+        raise DataError(f"{where}: {arr.null_count} null feature vectors")
+    lengths = np.diff(arr.offsets.to_numpy())
+    if n and (lengths != dim).any():
+        raise DataError(f"{where}: feature vectors of width {sorted(set(lengths.tolist()) - {dim})[:3]} (expected {dim})")
+    values = arr.flatten()
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    m = flat.reshape(n, dim)
+    if not np.isfinite(m).all():
+        bad = int((~np.isfinite(m)).any(axis=1).sum())
+        raise DataError(f"{where}: {bad} feature vectors contain NaN or Inf; fix or quarantine them in ingest")
+    return m
+
+
+def load_table(uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole table as ``(item_ids int64 (n,), features float32 (n, dim))`` in Petastorm's natural order."""
+    ids, feats = [], []
+    for f in _files(local_dir(uri)):
+        t = pq.read_table(f, columns=[ID_COL, FEATURES_COL])
+        ids.append(t.column(ID_COL).to_numpy().astype(np.int64, copy=False))
+        feats.append(_as_matrix(t.column(FEATURES_COL), dim, str(f)))
+    item_ids = np.concatenate(ids)
+    if len(np.unique(item_ids)) != len(item_ids):
+        raise DataError(f"features table {uri}: item_id is not unique")
+    return item_ids, np.concatenate(feats)
+
+
+def scan_stats(uri: str, dim: int) -> None:
+    """One pass over a table too big to load: fails on NaN/Inf or a wrong width, naming the file."""
+    for f in _files(local_dir(uri)):
+        pf = pq.ParquetFile(f)
+        for i in range(pf.num_row_groups):
+            _as_matrix(pf.read_row_group(i, columns=[FEATURES_COL]).column(0), dim, f"{f} row group {i}")
+
+
+# ---------------------------------------------------------------- batch sources
+
+
+def epoch_seed(seed: int, stage: int, epoch: int) -> int:
+    """The data-order seed of one epoch of one stage: nothing to store to resume it."""
+    return int(_splitmix64(np.array([seed * 1_000_003 + stage * 10_007 + epoch], dtype=np.int64).view(np.uint64))[0] >> np.uint64(33))
+
+
+class InMemorySource:
+    """The train and validation rows kept as tensors on the device."""
+
+    streaming = False
+
+    def __init__(self, item_ids: np.ndarray, x: np.ndarray, val_fraction: float, device: torch.device) -> None:
+        val = is_validation(item_ids, val_fraction)
+        self.train_ids, self.val_ids = item_ids[~val], item_ids[val]
+        self.train = torch.from_numpy(np.ascontiguousarray(x[~val])).to(device)
+        self.val = torch.from_numpy(np.ascontiguousarray(x[val])).to(device)
+        self.device = device
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_ids)
+
+    def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[torch.Tensor]:
+        data = self.train if split == "train" else self.val
+        n = data.shape[0]
+        if shuffle:
+            g = torch.Generator().manual_seed(seed)
+            order = torch.randperm(n, generator=g).to(self.device)
+            for s in range(0, n, batch_size):
+                yield data[order[s : s + batch_size]]
+        else:
+            for s in range(0, n, batch_size):
+                yield data[s : s + batch_size]
+
+    def validation_arrays(self) -> tuple[np.ndarray, torch.Tensor]:
+        return self.val_ids, self.val
+
+
+@contextmanager
+def features_reader(
+    uri: str,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    workers: int = 2,
+    shard: int | None = None,
+    shard_count: int | None = None,
+) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """Petastorm batches ``(item_ids int64 (n,), features float32 (n, d))``; always stops the reader.
+
+    ``shuffle=False`` reads with one worker in natural order (deterministic); ``shuffle=True`` shuffles
+    row groups with ``seed`` and rows in a buffer of a few batches. Shards are whole row groups.
+    """
+    from petastorm import make_batch_reader
+    from petastorm.pytorch import BatchedDataLoader
+
+    # Petastorm 0.12 on pyarrow 14 warns about its legacy dataset API on every open: noise, not news.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm\..*")
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    reader = make_batch_reader(
+        to_uri(uri),
+        schema_fields=[ID_COL, FEATURES_COL],
+        reader_pool_type="thread",
+        workers_count=max(1, workers) if shuffle else 1,
+        shuffle_row_groups=shuffle,
+        seed=seed,
+        num_epochs=1,
+        cur_shard=shard,
+        shard_count=shard_count,
+        shard_seed=seed if shard_count else None,
+    )
+    try:
+        loader = BatchedDataLoader(
+            reader, batch_size=batch_size, shuffling_queue_capacity=batch_size * 8 if shuffle else 0
+        )
+
+        def gen() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for b in loader:
+                feats = b[FEATURES_COL]
+                if feats.dtype != torch.float32:
+                    feats = feats.float()
+                yield b[ID_COL].long(), feats
+
+        yield gen()
+    finally:
+        reader.stop()
+        reader.join()
+
+
+class StreamingSource:
+    """Reads ``features/`` through Petastorm each epoch; drops validation rows by the hash split."""
+
+    streaming = True
+
+    def __init__(self, uri: str, info: TableInfo, val_fraction: float, device: torch.device, workers: int) -> None:
+        self.uri, self.info, self.val_fraction, self.device, self.workers = uri, info, val_fraction, device, workers
+        self.n_train = None  # unknown until one pass; only used for progress totals
+
+    def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[torch.Tensor]:
+        want_val = split != "train"
+        pending: list[torch.Tensor] = []
+        have = 0
+        with features_reader(self.uri, batch_size, shuffle, seed, self.workers) as it:
+            for ids, x in it:
+                mask = torch.from_numpy(is_validation(ids.numpy(), self.val_fraction))
+                keep = x[mask] if want_val else x[~mask]
+                if not torch.isfinite(keep).all():
+                    raise DataError(f"features table {self.uri}: a feature vector contains NaN or Inf")
+                pending.append(keep)
+                have += keep.shape[0]
+                while have >= batch_size:
+                    cat = torch.cat(pending) if len(pending) > 1 else pending[0]
+                    yield cat[:batch_size].to(self.device, non_blocking=True)
+                    rest = cat[batch_size:]
+                    pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
+        if have:
+            yield torch.cat(pending).to(self.device)
+
+    def validation_arrays(self) -> tuple[np.ndarray, torch.Tensor]:
+        ids, xs = [], []
+        with features_reader(self.uri, 4096, False, 0, 1) as it:
+            for b_ids, x in it:
+                mask = is_validation(b_ids.numpy(), self.val_fraction)
+                ids.append(b_ids.numpy()[mask])
+                xs.append(x[torch.from_numpy(mask)])
+        return np.concatenate(ids), torch.cat(xs).to(self.device)
+
+
+def open_source(
+    uri: str, dim: int, val_fraction: float, device: torch.device, in_memory_max_mb: int, workers: int
+) -> InMemorySource | StreamingSource:
+    """Check the table, then keep it on the device if it fits ``in_memory_max_mb``, else stream it."""
+    info = inspect_table(uri, dim)
+    if info.nbytes <= in_memory_max_mb * 1024 * 1024:
+        ids, x = load_table(uri, dim)
+        log.info("features: %d rows x %d (%.1f MB) loaded onto %s", info.rows, dim, info.nbytes / 2**20, device)
+        return InMemorySource(ids, x, val_fraction, device)
+    scan_stats(uri, dim)
+    log.info("features: %d rows x %d (%.1f MB) > train.in_memory_max_mb, streaming", info.rows, dim, info.nbytes / 2**20)
+    return StreamingSource(uri, info, val_fraction, device, workers)
+
+
+def read_labels(items_uri: str | None, item_ids: np.ndarray) -> np.ndarray | None:
+    """A label per item for colouring maps: ``label``, else the first genre; None when there is none."""
+    if not items_uri:
+        return None
+    root = local_dir(items_uri)
+    if not root.exists() or not _files(root):
+        return None
+    files = _files(root)
+    names = pq.read_schema(files[0]).names
+    col = "label" if "label" in names else "genres" if "genres" in names else None
+    if col is None or ID_COL not in names:
+        return None
+    t = pa.concat_tables(pq.read_table(f, columns=[ID_COL, col]) for f in files).to_pandas()
+    s = t.set_index(ID_COL)[col]
+    if col == "genres":
+        s = s.fillna("").astype(str).str.split("|").str[0]
+    return s.reindex(item_ids).to_numpy()

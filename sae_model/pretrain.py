@@ -1,0 +1,118 @@
+"""Layer-wise pretraining steps: a shallow (denoising) autoencoder or an RBM trained with CD-k.
+
+Each function does one minibatch step on level ``layer`` of a ``StackedAutoencoder``: ``x`` is the
+batch already fed through the frozen levels below (see ``inputs_for_layer``). They return the
+batch's reconstruction loss as a detached tensor (no host sync), so the trainer can sum it and
+check it for NaN/Inf once per epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sae_model.model import StackedAutoencoder
+
+
+@torch.no_grad()
+def inputs_for_layer(model: StackedAutoencoder, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """The activations that feed level ``layer`` (0 = the data itself), through frozen levels below."""
+    return x if layer == 0 else model.encode(x, layer)
+
+
+def reconstruction_loss(recon_or_logits: torch.Tensor, x: torch.Tensor, bce: bool) -> torch.Tensor:
+    """Mean over items of the per-item loss (squared error or cross-entropy summed over dims) / dims.
+
+    Dividing by the width keeps learning rates comparable across layer widths (the talk's lr = 1).
+    """
+    if bce:
+        return F.binary_cross_entropy_with_logits(recon_or_logits, x)
+    return F.mse_loss(recon_or_logits, x)
+
+
+def autoencoder_step(
+    model: StackedAutoencoder,
+    layer: int,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    corruption: float,
+    bce: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One step of the shallow autoencoder encoders[layer] -> decoders[layer], optionally denoising."""
+    enc, dec = model.encoders[layer], model.decoders[layer]
+    inp = x
+    if corruption > 0:
+        keep = torch.rand(x.shape, device=x.device, generator=generator) >= corruption
+        inp = x * keep
+    h = model.enc_acts[layer](enc(inp))
+    out = dec(h)
+    use_bce = bce and layer == 0
+    loss = reconstruction_loss(out if use_bce else model.dec_acts[layer](out), x, use_bce)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def rbm_step(
+    model: StackedAutoencoder,
+    layer: int,
+    v0: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    cd_k: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One CD-k step of the RBM whose weights are tied: W = encoders[layer].weight = decoders[layer].weight.T.
+
+    Hidden units are binary (sampled) except for the code layer, whose units are linear with unit
+    Gaussian noise (Hinton & Salakhutdinov 2006). The visible side uses the model's decoder
+    activation (logistic for [0,1] data). The CD gradient is written into ``.grad`` so any torch
+    optimizer (momentum, weight decay) applies it, and its state is checkpointed like the others.
+    """
+    enc, dec = model.encoders[layer], model.decoders[layer]
+    top = layer == model.depth - 1
+    w, hb, vb = enc.weight, enc.bias, dec.bias  # w: (hidden, visible)
+
+    def hidden(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = F.linear(v, w, hb)
+        if top:
+            return pre, pre + torch.randn(pre.shape, device=pre.device, generator=generator)
+        p = torch.sigmoid(pre)
+        return p, (torch.rand(p.shape, device=p.device, generator=generator) < p).to(p.dtype)
+
+    def visible(h: torch.Tensor) -> torch.Tensor:
+        return model.dec_acts[layer](F.linear(h, w.t(), vb))
+
+    ph0, h = hidden(v0)
+    vk, phk = v0, ph0
+    for _ in range(cd_k):
+        vk = visible(h)
+        phk, h = hidden(vk)
+    n = v0.shape[0]
+    # Descent direction = -(positive - negative statistics).
+    gw = -(ph0.t() @ v0 - phk.t() @ vk) / n
+    ghb = -(ph0 - phk).mean(0)
+    gvb = -(v0 - vk).mean(0)
+    optimizer.zero_grad(set_to_none=True)
+    w.grad, hb.grad, vb.grad = gw, ghb, gvb
+    optimizer.step()
+    # Keep the decoder the transpose of the RBM's weights (the unrolled net starts tied).
+    dec.weight.copy_(w.t())
+    return F.mse_loss(visible(ph0), v0)
+
+
+def rbm_params(model: StackedAutoencoder, layer: int) -> list[torch.nn.Parameter]:
+    """What an RBM optimizer updates: the shared weights (in the encoder) and both biases."""
+    return [model.encoders[layer].weight, model.encoders[layer].bias, model.decoders[layer].bias]
+
+
+def tie_rbm_init(model: StackedAutoencoder, layer: int, generator: torch.Generator | None = None) -> None:
+    """Hinton's RBM init: small Gaussian weights (sd 0.1, 0.01 here for wide layers), zero biases, tied."""
+    with torch.no_grad():
+        enc, dec = model.encoders[layer], model.decoders[layer]
+        enc.weight.copy_(torch.randn(enc.weight.shape, generator=generator) * 0.01)
+        enc.bias.zero_()
+        dec.bias.zero_()
+        dec.weight.copy_(enc.weight.t())

@@ -1,0 +1,528 @@
+"""Training the stacked autoencoder: layer-wise pretraining, then fine-tuning of the unrolled net.
+
+``train(...)`` is the one function a job calls. ``Trainer`` knows stages, epochs, optimisers,
+checkpoints and callbacks; the model knows only its layers. Every epoch ends in an atomic
+checkpoint; a run resumes from it (same MLflow run) to the same weights as an uninterrupted run,
+because each epoch's data order and noise come from ``(seed, stage, epoch)`` and the model,
+optimizer and RNG states are restored.
+
+``rank``/``world_size`` are here for a later distributed launcher (rank 0 logs and checkpoints);
+only ``world_size == 1`` is implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sae_model import checkpoint as ckpt
+from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
+from sae_model.model import StackedAutoencoder
+from sae_model.pretrain import autoencoder_step, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
+
+log = logging.getLogger(__name__)
+
+# Test hook: the process exits (as if killed) right after writing this many checkpoints.
+EXIT_AFTER_ENV = "SAE_TEST_EXIT_AFTER_EPOCHS"
+NEIGHBOUR_LOSSES = ("tsne", "umap")
+
+
+class TrainingError(ValueError):
+    """Settings that cannot train (the message names the key), found before any epoch runs."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    kind: str  # "pretrain" | "finetune"
+    layer: int | None  # pretraining level, None for fine-tuning
+    epochs: int
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        return f"pretrain/layer{self.layer}" if self.kind == "pretrain" else "finetune"
+
+
+@dataclass
+class EpochRecord:
+    stage_index: int
+    stage_name: str
+    epoch: int
+    train_loss: float
+    val_loss: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """Plain MLflow values (the job builds them from its root config)."""
+
+    tracking_uri: str
+    experiment: str = "sae"
+    registered_model: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # every resolved config value
+    tags: dict[str, str] = field(default_factory=dict)
+    config_text: str = ""  # the resolved config, logged as an artefact
+    enabled: bool = True
+
+
+@dataclass
+class TrainResult:
+    model_uri: str | None
+    run_id: str | None
+    model_version: str | None
+    metrics: dict[str, float]
+    checkpoint_dir: str
+    model: StackedAutoencoder | None = None
+
+
+class Callback:
+    """Hooks the trainer calls; all optional."""
+
+    def on_stage_start(self, trainer: Trainer, stage: Stage) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None: ...
+
+
+# ---------------------------------------------------------------- checks and set-up
+
+
+def check_settings(model_cfg: ModelConfig, pretrain_cfg: PretrainConfig, finetune_cfg: FinetuneConfig) -> None:
+    """Fail before reading data on settings this trainer cannot honour."""
+    if finetune_cfg.loss in NEIGHBOUR_LOSSES:
+        raise TrainingError(
+            f"finetune.loss={finetune_cfg.loss}: not available yet (the neighbour losses are being added); "
+            "use finetune.loss=mse or finetune.loss=bce"
+        )
+    if finetune_cfg.loss == "bce" and model_cfg.output_activation != "sigmoid":
+        raise TrainingError("finetune.loss=bce needs model.output_activation=sigmoid (cross-entropy of [0,1] data)")
+    if pretrain_cfg.method == "rbm" and model_cfg.activation != "sigmoid":
+        raise TrainingError(
+            f"pretrain.method=rbm needs logistic hidden units (model.activation=sigmoid), got {model_cfg.activation}"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
+    torch.manual_seed(seed)
+    return StackedAutoencoder(
+        list(model_cfg.layers), model_cfg.activation, model_cfg.code_activation, model_cfg.output_activation
+    )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
+
+
+def finetune_loss(model: StackedAutoencoder, x: torch.Tensor, bce: bool) -> torch.Tensor:
+    z = model.encode(x)
+    if bce:
+        loss = F.binary_cross_entropy_with_logits(model.decode_logits(z), x)
+    else:
+        loss = F.mse_loss(model.decode(z), x)
+    # NEIGHBOUR-LOSS HOOK: finetune.loss=tsne|umap will add recon_weight * loss + neighbour_loss(z, x) here.
+    return loss
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: StackedAutoencoder,
+        pretrain_cfg: PretrainConfig,
+        finetune_cfg: FinetuneConfig,
+        train_cfg: TrainConfig,
+        source: InMemorySource | StreamingSource,
+        device: torch.device,
+        checkpoint_dir: str | Path,
+        callbacks: list[Callback] | None = None,
+        fingerprint: str = "",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if world_size != 1:
+            raise NotImplementedError("distributed training (world_size > 1) is not built yet")
+        self.model = model.to(device)
+        self.pre, self.fine, self.tc = pretrain_cfg, finetune_cfg, train_cfg
+        self.source, self.device = source, device
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.callbacks = callbacks or []
+        self.fingerprint = fingerprint
+        self.rank, self.world_size = rank, world_size
+        self.history: list[dict[str, Any]] = []
+        self.run_id: str | None = None
+        self.step = 0  # epochs completed over all stages
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
+        self._saved_here = 0
+        self._val_rows = -1
+        self.progress = train_cfg.progress and sys.stderr.isatty()
+        self.amp = train_cfg.mixed_precision and device.type == "cuda"
+
+    # ---- stages
+
+    def stages(self) -> list[Stage]:
+        out: list[Stage] = []
+        if self.pre.method != "none" and self.pre.epochs > 0:
+            for layer in range(self.model.depth):
+                out.append(Stage(len(out), "pretrain", layer, self.pre.epochs, self.pre.batch_size))
+        out.append(Stage(len(out), "finetune", None, self.fine.epochs, self.fine.batch_size))
+        return out
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages())
+
+    def _optimizer_for(self, stage: Stage) -> torch.optim.Optimizer:
+        m = self.model
+        if stage.kind == "finetune":
+            c = self.fine
+            params = list(m.parameters())
+        else:
+            c = self.pre
+            layer = stage.layer
+            params = (
+                rbm_params(m, layer)
+                if self.pre.method == "rbm"
+                else list(m.encoders[layer].parameters()) + list(m.decoders[layer].parameters())
+            )
+        lr = c.lr
+        if stage.kind == "pretrain" and self.pre.method == "rbm" and stage.layer == m.depth - 1:
+            lr *= self.pre.rbm_linear_lr_scale
+        return make_optimizer(params, c.optimizer, lr, c.momentum, c.weight_decay)
+
+    # ---- checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "rng": ckpt.rng_state(self.device),
+        }
+
+    def save(self, stage: Stage, epoch: int, finished: bool = False) -> None:
+        if self.rank != 0:
+            return
+        meta = {
+            "step": self.step,
+            "stage_index": stage.index,
+            "stage_name": stage.name,
+            "epoch": epoch,
+            "run_id": self.run_id,
+            "seed": self.tc.seed,
+            "fingerprint": self.fingerprint,
+            "history": self.history,
+            "finished": finished,
+            "spec": self.model.spec(),
+        }
+        ckpt.save_checkpoint(self.checkpoint_dir, self._state(), meta)
+        self._saved_here += 1
+        if self._exit_after and self._saved_here >= self._exit_after and not finished:
+            log.warning("%s=%d: exiting now as if killed", EXIT_AFTER_ENV, self._exit_after)
+            logging.shutdown()
+            os._exit(17)
+
+    def restore(self) -> tuple[int, int] | None:
+        """Load the last checkpoint; returns ``(stage_index, next_epoch)`` to continue from, or None."""
+        found = ckpt.load_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return None
+        state, meta = found
+        if self.fingerprint and meta.get("fingerprint") not in ("", None, self.fingerprint):
+            raise TrainingError(
+                f"checkpoint in {self.checkpoint_dir} is from another configuration "
+                f"({meta.get('fingerprint')} != {self.fingerprint}); remove it or choose another directory"
+            )
+        self.model.load_state_dict(state["model"])
+        self.history = list(meta.get("history", []))
+        self.run_id = meta.get("run_id")
+        self.step = int(meta["step"])
+        stages = self.stages()
+        si, ep = int(meta["stage_index"]), int(meta["epoch"])
+        ckpt.set_rng_state(state["rng"], self.device)
+        if ep + 1 < stages[si].epochs:
+            self.optimizer = self._optimizer_for(stages[si])
+            if state["optimizer"]:
+                self.optimizer.load_state_dict(state["optimizer"])
+            return si, ep + 1
+        self.optimizer = None
+        return si + 1, 0
+
+    # ---- epochs
+
+    def _batches(self, stage: Stage, seed: int) -> Iterator[torch.Tensor]:
+        it = self.source.batches("train", stage.batch_size, shuffle=self.tc.shuffle, seed=seed)
+        if not self.progress:
+            return it
+        from tqdm import tqdm
+
+        n = self.source.n_train
+        total = math.ceil(n / stage.batch_size) if n else None
+        return tqdm(it, total=total, desc=f"{stage.name} epoch", unit="batch", leave=False, file=sys.stderr)
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_epoch(self, stage: Stage, epoch: int) -> float:
+        seed = epoch_seed(self.tc.seed, stage.index, epoch)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        m = self.model
+        m.train()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        bce = self.fine.loss == "bce"
+        opt = self.optimizer
+        for xb in self._batches(stage, seed):
+            n = xb.shape[0]
+            if stage.kind == "finetune":
+                with self._autocast():
+                    loss = finetune_loss(m, xb, bce)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss = loss.detach()
+            else:
+                x = inputs_for_layer(m, xb, stage.layer)
+                if self.pre.method == "rbm":
+                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen)
+                else:
+                    with self._autocast():
+                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen)
+            total += loss.double() * n  # summed on the device: one host sync per epoch
+            count += n
+        return float(total.item() / max(count, 1))
+
+    @torch.no_grad()
+    def evaluate(self, stage: Stage | None) -> float:
+        """Validation loss of ``stage`` (its shallow autoencoder, or the whole net; None = whole net, MSE)."""
+        m = self.model
+        m.eval()
+        total, count = 0.0, 0
+        bce = self.fine.loss == "bce"
+        for xb in self.source.batches("val", 4096, shuffle=False):
+            if stage is None or stage.kind == "finetune":
+                loss = finetune_loss(m, xb, bce and stage is not None)
+            else:
+                layer = stage.layer
+                x = inputs_for_layer(m, xb, layer)
+                h = m.enc_acts[layer](m.encoders[layer](x))
+                loss = F.mse_loss(m.dec_acts[layer](m.decoders[layer](h)), x)
+            total += float(loss) * xb.shape[0]
+            count += xb.shape[0]
+        self._val_rows = count
+        return total / count if count else float("nan")
+
+    def fit(self, start: tuple[int, int] | None = None) -> None:
+        stages = self.stages()
+        si0, ep0 = start or (0, 0)
+        t_start, done_here = time.monotonic(), 0
+        remaining_total = sum(s.epochs for s in stages[si0:]) - ep0
+        for stage in stages[si0:]:
+            first = ep0 if stage.index == si0 else 0
+            if stage.epochs == 0:
+                continue
+            if first == 0 or self.optimizer is None:
+                if stage.kind == "pretrain" and self.pre.method == "rbm" and first == 0:
+                    tie_rbm_init(self.model, stage.layer, torch.Generator().manual_seed(self.tc.seed + stage.index))
+                self.optimizer = self._optimizer_for(stage)
+            for cb in self.callbacks:
+                cb.on_stage_start(self, stage)
+            for epoch in range(first, stage.epochs):
+                t0 = time.monotonic()
+                train_loss = self.train_epoch(stage, epoch)
+                val_loss = self.evaluate(stage)
+                # No validation rows (train.val_fraction=0) gives a NaN validation loss: not a divergence.
+                val_ok = math.isfinite(val_loss) or (math.isnan(val_loss) and self._val_rows == 0)
+                if not (math.isfinite(train_loss) and val_ok):
+                    where = f"layer {stage.layer}, " if stage.layer is not None else ""
+                    raise TrainingDiverged(
+                        f"training diverged in {stage.kind} ({where}epoch {epoch + 1}/{stage.epochs}): "
+                        f"train loss {train_loss}, validation loss {val_loss}. The last good checkpoint is kept in "
+                        f"{self.checkpoint_dir}; lower {stage.kind}.lr (now "
+                        f"{self.pre.lr if stage.kind == 'pretrain' else self.fine.lr})"
+                    )
+                rec = EpochRecord(stage.index, stage.name, epoch, train_loss, val_loss, time.monotonic() - t0)
+                self.history.append(rec.as_dict())
+                self.step += 1
+                done_here += 1
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, stage, rec)
+                per_epoch = (time.monotonic() - t_start) / done_here
+                log.info(
+                    "%s epoch %d/%d: train %.6g, validation %.6g (%.1fs; ETA %.0fs)",
+                    stage.name, epoch + 1, stage.epochs, train_loss, val_loss, rec.seconds,
+                    per_epoch * (remaining_total - done_here),
+                )
+                self.save(stage, epoch, finished=False)
+        self.save(stages[-1], stages[-1].epochs - 1, finished=True)
+
+    @torch.no_grad()
+    def validation_report(self) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
+        """Hinton's measure (mean over validation items of the summed squared error), codes, ids, inputs."""
+        m = self.model.eval()
+        ids, x = self.source.validation_arrays()
+        codes, sq = [], []
+        for s in range(0, x.shape[0], 4096):
+            xb = x[s : s + 4096]
+            z = m.encode(xb)
+            sq.append(((m.decode(z) - xb) ** 2).sum(1).double().cpu())
+            codes.append(z.float().cpu())
+        if not sq:
+            return {}, np.zeros((0, m.code_width), np.float32), ids, x.cpu().numpy()
+        err = torch.cat(sq)
+        metrics = {"val_sq_error_per_item": float(err.mean()), "val_mse": float(err.mean() / m.input_width)}
+        return metrics, torch.cat(codes).numpy(), ids, x[:2].float().cpu().numpy()
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class MlflowCallback(Callback):
+    """Per-epoch train/validation loss per stage (``pretrain/layer0/train_loss``, ``finetune/val_loss``)."""
+
+    def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None:
+        import mlflow
+
+        mlflow.log_metrics(
+            {f"{stage.name}/train_loss": record.train_loss, f"{stage.name}/val_loss": record.val_loss},
+            step=record.epoch + 1,
+        )
+
+
+class FunctionCallback(Callback):
+    def __init__(self, fn: Callable[[Trainer, Stage, EpochRecord], None]) -> None:
+        self.fn = fn
+
+    def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None:
+        self.fn(trainer, stage, record)
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def train(
+    model_cfg: ModelConfig,
+    pretrain_cfg: PretrainConfig,
+    finetune_cfg: FinetuneConfig,
+    train_cfg: TrainConfig,
+    features_uri: str,
+    items_uri: str | None,
+    mlflow_settings: MlflowSettings,
+    checkpoint_dir: str | Path,
+    resume: bool = False,
+    fingerprint: str = "",
+    callbacks: list[Callback] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainResult:
+    """Train on ``features_uri``, log the run to MLflow and register the model.
+
+    ``resume=True`` continues from the checkpoint in ``checkpoint_dir`` (an error if there is none);
+    with ``train.auto_resume`` an unfinished checkpoint of the same ``fingerprint`` is continued too.
+    A finished checkpoint is never resumed: the run starts afresh.
+    """
+    check_settings(model_cfg, pretrain_cfg, finetune_cfg)
+    device = resolve_device(train_cfg.device)
+    if train_cfg.threads > 0:
+        torch.set_num_threads(train_cfg.threads)
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = ckpt.load_meta(checkpoint_dir)
+    if resume and meta is None:
+        raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
+    if meta is not None and meta.get("finished") and resume:
+        raise TrainingError(f"--resume: the run in {checkpoint_dir} already finished (run {meta.get('run_id')})")
+    do_resume = meta is not None and not meta.get("finished") and (resume or train_cfg.auto_resume)
+    if meta is not None and not do_resume:
+        for f in checkpoint_dir.glob("*"):
+            if f.is_file():
+                f.unlink()
+
+    source = open_source(
+        features_uri, model_cfg.layers[0], train_cfg.val_fraction, device, train_cfg.in_memory_max_mb, train_cfg.reader_workers
+    )
+    model = build_model(model_cfg, train_cfg.seed)
+    trainer = Trainer(
+        model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
+        callbacks=list(callbacks or []), fingerprint=fingerprint, rank=rank, world_size=world_size,
+    )
+    start = trainer.restore() if do_resume else None
+    if start is not None:
+        log.info("resuming from %s at stage %d epoch %d (run %s)", checkpoint_dir, start[0], start[1] + 1, trainer.run_id)
+
+    logging_on = mlflow_settings.enabled and rank == 0
+    if not logging_on:
+        trainer.fit(start)
+        metrics, _, _, _ = trainer.validation_report()
+        return TrainResult(None, None, None, metrics, str(checkpoint_dir), trainer.model)
+
+    import mlflow
+
+    from sae_model import tracking
+    from sae_model.loading import log_model
+
+    mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
+    mlflow.set_experiment(mlflow_settings.experiment)
+    trainer.callbacks.append(MlflowCallback())
+    fresh = trainer.run_id is None
+    with mlflow.start_run(run_id=trainer.run_id) as run:
+        try:
+            trainer.run_id = run.info.run_id
+            if fresh:
+                tracking.log_params(mlflow_settings.params)
+                if mlflow_settings.config_text:
+                    tracking.log_text(mlflow_settings.config_text, "config/resolved.yaml")
+            mlflow.set_tags(
+                dict(mlflow_settings.tags, device=str(device), data_path="in-memory" if not source.streaming else "petastorm")
+            )
+            trainer.fit(start)
+            metrics, codes, ids, example = trainer.validation_report()
+            mlflow.log_metrics(metrics)
+            labels = read_labels(items_uri, ids) if codes.shape[1] == 2 else None
+            tracking.log_figures(trainer.history, codes, labels)
+            info = log_model(
+                trainer.model.cpu(),
+                name="model",
+                registered_model_name=mlflow_settings.registered_model or None,
+                input_example=example if len(example) else None,
+            )
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            mlflow.set_tag("failure", str(exc)[:5000])
+            mlflow.end_run(status=status)
+            raise
+    version = getattr(info, "registered_model_version", None)
+    log.info("run %s: model %s (version %s), %s", run.info.run_id, info.model_uri, version, metrics)
+    return TrainResult(
+        info.model_uri, run.info.run_id, None if version is None else str(version), metrics, str(checkpoint_dir), trainer.model
+    )

@@ -1,0 +1,232 @@
+"""Training: real behaviour on small generated data (a few hundred rows, tiny nets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from sae_model import checkpoint as ckpt
+from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+from sae_model.data import DataError, is_validation
+from sae_model.trainer import EXIT_AFTER_ENV, MlflowSettings, TrainingDiverged, TrainingError, train
+from tests.train_data import manifold, write_features
+
+OFF = MlflowSettings("", enabled=False)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared cores: one thread keeps tiny nets fast and sums bit-reproducible.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+    mlflow.set_tracking_uri("")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    x, labels = manifold(600, 32, seed=3)
+    write_features(root, x, labels)
+    return root
+
+
+def feats(root: Path) -> str:
+    return "file://" + str(root / "features")
+
+
+def small(**train_kw) -> tuple:
+    return (
+        ModelConfig(layers=[32, 16, 2]),
+        PretrainConfig(method="autoencoder", epochs=2, lr=3.0, batch_size=20),
+        FinetuneConfig(epochs=3, lr=3.0, batch_size=20),
+        TrainConfig(seed=1, progress=False, **train_kw),
+    )
+
+
+def final_weights(ckdir: Path) -> dict[str, torch.Tensor]:
+    state, meta = ckpt.load_checkpoint(ckdir)
+    assert meta["finished"]
+    return state["model"]
+
+
+def test_split_is_deterministic_and_close_to_fraction():
+    ids = np.arange(20000, dtype=np.int64)
+    v = is_validation(ids, 0.1)
+    assert np.array_equal(v, is_validation(ids.copy(), 0.1))
+    assert 0.09 < v.mean() < 0.11  # 2000 expected, sd ~42
+
+
+def test_losses_decrease(data_root, tmp_path):
+    r = train(*small(), feats(data_root), None, OFF, tmp_path / "ck")
+    hist = ckpt.load_meta(tmp_path / "ck")["history"]
+    for stage in ("pretrain/layer0", "pretrain/layer1", "finetune"):
+        losses = [h["train_loss"] for h in hist if h["stage_name"] == stage]
+        assert losses[-1] < losses[0], (stage, losses)
+    assert np.isfinite(r.metrics["val_sq_error_per_item"])
+
+
+@pytest.mark.parametrize("method", ["autoencoder", "rbm"])
+def test_pretraining_beats_random_init_for_a_deep_sigmoid_net(data_root, tmp_path, method):
+    # A 4-level logistic net on 2-D manifold data: from random init SGD stays at the mean (error ~3.9
+    # per item), after layer-wise pretraining the same fine-tuning reaches < 0.5 (measured 0.03-0.07).
+    def run(m: str, lr: float) -> float:
+        r = train(
+            ModelConfig(layers=[32, 64, 32, 16, 2]),
+            PretrainConfig(method=m, epochs=10, lr=lr, batch_size=20),
+            FinetuneConfig(epochs=20, lr=3.0, batch_size=20),
+            TrainConfig(seed=1, progress=False),
+            feats(data_root), None, OFF, tmp_path / m,
+        )
+        return r.metrics["val_sq_error_per_item"]
+
+    baseline = run("none", 1.0)
+    pretrained = run(method, 3.0 if method == "autoencoder" else 0.3)
+    assert pretrained < 0.25 * baseline, (pretrained, baseline)
+
+
+def test_in_memory_and_streaming_agree(data_root, tmp_path):
+    # Unshuffled: the same batches in the same order -> the same weights.
+    a = train(*small(shuffle=False), feats(data_root), None, OFF, tmp_path / "mem")
+    b = train(*small(shuffle=False, in_memory_max_mb=0), feats(data_root), None, OFF, tmp_path / "stream")
+    wa, wb = final_weights(tmp_path / "mem"), final_weights(tmp_path / "stream")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert a.metrics["val_sq_error_per_item"] == pytest.approx(b.metrics["val_sq_error_per_item"], abs=1e-5)
+    # Shuffled: different orders, statistically the same result.
+    c = train(*small(), feats(data_root), None, OFF, tmp_path / "mem2")
+    d = train(*small(in_memory_max_mb=0), feats(data_root), None, OFF, tmp_path / "stream2")
+    assert c.metrics["val_sq_error_per_item"] == pytest.approx(d.metrics["val_sq_error_per_item"], rel=0.3)
+
+
+CHILD = """
+import sys, torch
+torch.set_num_threads(1)
+from sae_model.config import *
+from sae_model.trainer import MlflowSettings, train
+feats, ck, db = sys.argv[1:4]
+r = train(ModelConfig(layers=[32, 16, 2]), PretrainConfig(method="autoencoder", epochs=2, lr=3.0, batch_size=20),
+          FinetuneConfig(epochs=3, lr=3.0, batch_size=20), TrainConfig(seed=1, progress=False),
+          feats, feats.replace("features", "items"),
+          MlflowSettings(db, "t", "sae-test", params={"model.layers": "[32, 16, 2]", "train.seed": 1},
+                         tags={"git_commit": "abc", "data_manifest_hash": "h"}, config_text="model: {}\\n"),
+          ck, resume=len(sys.argv) > 4, fingerprint="fp")
+print("RESULT", r.run_id, r.model_version, r.model_uri)
+"""
+
+
+def test_resume_after_kill_matches_uninterrupted_run_and_logs_everything(data_root, tmp_path):
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    ck = tmp_path / "ck"
+    args = [sys.executable, "-c", CHILD, feats(data_root), str(ck), db]
+    env = dict(os.environ, **{EXIT_AFTER_ENV: "3"})  # dies after pretrain layer 0, layer 1 epoch 1
+    killed = subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    meta = ckpt.load_meta(ck)
+    assert (meta["step"], meta["stage_name"], meta["finished"]) == (3, "pretrain/layer1", False)
+    resumed = subprocess.run(args + ["--resume"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run_id, version, model_uri = resumed.stdout.split("RESULT ")[1].split()
+    assert run_id == meta["run_id"]  # the same MLflow run continued
+
+    train(*small(), feats(data_root), None, OFF, tmp_path / "straight")
+    got, want = final_weights(ck), final_weights(tmp_path / "straight")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+    mlflow.set_tracking_uri(db)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.layers"] == "[32, 16, 2]"
+    assert {"git_commit", "data_manifest_hash", "device"} <= set(run.data.tags)
+    for name in ("pretrain/layer0/train_loss", "pretrain/layer1/val_loss", "finetune/train_loss", "val_sq_error_per_item"):
+        assert name in run.data.metrics, name
+    # Each epoch logged once, across the kill.
+    assert [m.step for m in client.get_metric_history(run_id, "pretrain/layer1/train_loss")] == [1, 2]
+    arts = {a.path for p in ("", "plots", "config") for a in client.list_artifacts(run_id, p)}
+    assert {"plots/loss_curves.png", "plots/validation_codes.png", "config/resolved.yaml"} <= arts
+    assert version == "1"
+    from sae_model.loading import load_encoder
+
+    codes = load_encoder(f"models:/sae-test/{version}").encode(np.random.default_rng(0).random((4, 32), dtype=np.float32))
+    assert codes.shape == (4, 2) and np.isfinite(codes).all()
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(data_root, tmp_path):
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = MlflowSettings(db, "t", "", params={"x": 1})
+    with pytest.raises(TrainingDiverged, match=r"finetune \(epoch 1/3\).*lower finetune\.lr"):
+        train(
+            ModelConfig(layers=[32, 16, 2], activation="relu", output_activation="linear"),
+            PretrainConfig(method="autoencoder", epochs=1, lr=0.1, batch_size=20),
+            FinetuneConfig(epochs=3, lr=1e12, batch_size=20),
+            TrainConfig(seed=1, progress=False),
+            feats(data_root), None, settings, tmp_path / "ck",
+        )
+    state, meta = ckpt.load_checkpoint(tmp_path / "ck")
+    assert meta["stage_name"] == "pretrain/layer1" and not meta["finished"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    mlflow.set_tracking_uri(db)
+    run = mlflow.MlflowClient().get_run(meta["run_id"])
+    assert run.info.status == "FAILED"
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    x, _ = manifold(100, 8)
+    write_features(tmp_path / "ok", x)
+    with pytest.raises(DataError, match=r"width is 8 but model.layers\[0\] is 32; set model.layers=\[8,"):
+        train(*small(), feats(tmp_path / "ok"), None, OFF, tmp_path / "ck")
+    x[7, 3] = np.nan
+    write_features(tmp_path / "nan", x)
+    with pytest.raises(DataError, match="1 feature vectors contain NaN"):
+        train(ModelConfig(layers=[8, 2]), *small()[1:], feats(tmp_path / "nan"), None, OFF, tmp_path / "ck")
+    write_features(tmp_path / "empty", np.zeros((0, 8), np.float32), files=1)
+    with pytest.raises(DataError, match="empty"):
+        train(ModelConfig(layers=[8, 2]), *small()[1:], feats(tmp_path / "empty"), None, OFF, tmp_path / "ck")
+    with pytest.raises(DataError, match="does not exist"):
+        train(ModelConfig(layers=[8, 2]), *small()[1:], feats(tmp_path / "none"), None, OFF, tmp_path / "ck")
+
+
+def test_neighbour_losses_are_refused_up_front(tmp_path):
+    m, p, _, t = small()
+    with pytest.raises(TrainingError, match="finetune.loss=tsne: not available yet"):
+        train(m, p, FinetuneConfig(loss="tsne"), t, feats(tmp_path), None, OFF, tmp_path / "ck")
+
+
+def test_train_job_composes_the_root_config(data_root, tmp_path):
+    import shutil
+
+    from jobs.train import run
+    from pipelines.config import load_config
+
+    root = tmp_path / "root"
+    shutil.copytree(data_root / "features", root / "features")
+    shutil.copytree(data_root / "items", root / "items")
+    cfg = load_config(
+        None,
+        [f"paths.root={root}", "model.layers=[32,8,2]", "pretrain.method=none", "finetune.epochs=2",
+         "finetune.loss=bce", "finetune.lr=1", "train.progress=false", "mlflow.registered_model=job-test"],
+    )
+    out = run(cfg)
+    assert out["model_version"] == "1" and out["run_id"] and out["model_uri"]
+    assert (root / "mlflow.db").exists()
+    meta = json.loads((root / "checkpoints" / cfg.hash() / "meta.json").read_text())
+    assert meta["finished"] and meta["run_id"] == out["run_id"]
+
+
+def test_no_validation_rows_is_not_a_divergence(data_root, tmp_path):
+    m, p, f, _ = small()
+    r = train(m, p, FinetuneConfig(epochs=1, lr=1.0, batch_size=50), TrainConfig(seed=1, progress=False, val_fraction=0.0),
+              feats(data_root), None, OFF, tmp_path / "ck")
+    assert r.metrics == {}
