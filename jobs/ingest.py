@@ -37,9 +37,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
+    from pipelines.sources import InputError
+
     setup_logging()
     cfg = resolve(args)
-    manifest = run(cfg)
+    try:
+        manifest = run(cfg)
+    except InputError as exc:
+        # Bad input is the user's to fix: one line naming the file, no stack trace, nothing published.
+        print(f"input error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: manifest[k] for k in ("rows_in", "items_out", "rows_quarantined", "dim")}))
     return 0
 

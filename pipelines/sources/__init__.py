@@ -8,6 +8,10 @@ A source module registers itself in :data:`SOURCES` by name (``data.source``) wi
     :class:`InputError` naming the file and what was expected.
 ``read(spark, cfg) -> SourceResult``
     Pure Spark transforms from the input to the three DataFrames. No writing here.
+
+Counting contract: every input record a source considers is either used (it went into a feature
+vector) or sent to ``quarantine`` with a reason, so ``rows_in() == rows_used() + rows in
+quarantine``; the core checks this before publishing anything.
 """
 
 from __future__ import annotations
@@ -33,10 +37,17 @@ class SourceResult:
     quarantine: DataFrame
     feature_names: list[str]
     input_files: list[str]
+    # Input records considered. Called after the tables are written, so a source can answer
+    # from state it cached while they were computed instead of reading its input again.
+    rows_in: Callable[[], int]
+    # Input records that went into feature vectors; None = one record per output item.
+    rows_used: Callable[[], int] | None = None
     # Extra manifest entries a source wants to record (e.g. vocabulary size, since-date).
     extra: dict[str, Any] = field(default_factory=dict)
     # Tables beyond the three that this source publishes with them (e.g. incremental state).
     extra_tables: dict[str, DataFrame] = field(default_factory=dict)
+    # Called once the job is over (published or failed): unpersist caches, delete temp files.
+    cleanup: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)

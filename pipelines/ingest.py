@@ -1,0 +1,141 @@
+"""Ingest core: run the configured source, check its tables, publish them atomically with a manifest.
+
+``check_inputs(cfg)`` runs before Spark starts; ``run_ingest(spark, cfg)`` writes ``features/``,
+``items/``, ``quarantine/`` (and any extra tables of the source) under ``paths.root`` and returns the
+manifest, also stored as ``features/_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.config import Config
+from pipelines.publish import publishing
+from pipelines.schemas import FEATURES, QUARANTINE, SchemaError, check_columns, conform
+from pipelines.sources import SOURCES, InputError, Source, SourceResult
+
+# Registers the built-in sources. A new source module adds itself here.
+from pipelines.sources import mnist, synthetic, tag_genome  # noqa: F401, E402  isort: skip
+
+log = logging.getLogger(__name__)
+
+TABLES = ["features", "items", "quarantine"]
+
+
+def source_for(cfg: Config) -> Source:
+    try:
+        return SOURCES[cfg.data.source]
+    except KeyError:
+        raise InputError(
+            f"data.source {cfg.data.source!r} has no ingest source yet; available: {sorted(SOURCES)}"
+        ) from None
+
+
+def check_inputs(cfg: Config) -> None:
+    """Missing files, wrong headers, empty input: InputError naming the file, before any output."""
+    source_for(cfg).check(cfg)
+
+
+def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    """Read, validate and publish; returns the manifest. Nothing is published unless every table was
+    written and the counts reconcile (rows_in == rows_used + rows_quarantined)."""
+    result = source_for(cfg).read(spark, cfg)
+    try:
+        return publish_result(spark, result, cfg)
+    finally:
+        result.cleanup()
+
+
+def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> dict[str, Any]:
+    check_columns(result.features, FEATURES, "features")
+    check_columns(result.quarantine, QUARANTINE, "quarantine")
+    if "item_id" not in result.items.columns:
+        raise SchemaError("items: missing column 'item_id' (bigint)")
+    root = cfg.paths.root
+    with publishing(root, TABLES + sorted(result.extra_tables), spark) as pub:
+        features_dir = pub.staging("features")
+        # Not conform(): a cast cannot drop array<float>'s containsNull; null elements are counted below.
+        result.features.select(F.col("item_id").cast("long"), "features").write.parquet(features_dir)
+        result.items.write.parquet(pub.staging("items"))
+        quarantine_dir = pub.staging("quarantine")
+        conform(result.quarantine, QUARANTINE).write.parquet(quarantine_dir)
+        for name, df in result.extra_tables.items():
+            df.write.parquet(pub.staging(name))
+
+        written = spark.read.parquet(features_dir)
+        quarantine_rows = spark.read.parquet(quarantine_dir).count()
+        manifest = build_manifest(written, result, cfg, quarantine_rows)
+        write_text(spark, f"{features_dir}/_manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def build_manifest(features: DataFrame, result: SourceResult, cfg: Config, rows_quarantined: int) -> dict[str, Any]:
+    """Check the written features (fixed width, unique ids) and describe them."""
+    dim = len(result.feature_names)
+    summary = features.agg(
+        F.count("*").alias("n"),
+        F.countDistinct("item_id").alias("ids"),
+        F.min(F.size("features")).alias("min_w"),
+        F.max(F.size("features")).alias("max_w"),
+        F.sum(F.exists("features", lambda v: v.isNull() | F.isnan(v)).cast("int")).alias("holes"),
+    ).first()
+    items_out = int(summary["n"])
+    if items_out and (summary["min_w"] != dim or summary["max_w"] != dim):
+        raise SchemaError(
+            f"features: vector width {summary['min_w']}..{summary['max_w']}, expected {dim} (len(feature_names))"
+        )
+    if summary["holes"]:
+        raise SchemaError(f"features: {summary['holes']} vectors contain null or NaN values")
+    if summary["ids"] != items_out:
+        raise SchemaError(f"features: item_id not unique ({items_out} rows, {summary['ids']} distinct ids)")
+    rows_in = int(result.rows_in())
+    rows_used = int(result.rows_used()) if result.rows_used else items_out
+    if rows_in != rows_used + rows_quarantined:
+        raise RuntimeError(
+            f"counts do not reconcile: rows_in {rows_in} != rows used {rows_used} + quarantined {rows_quarantined}"
+        )
+    stats = dimension_stats(features, dim) if items_out else {"min": [], "max": [], "mean": []}
+    return {
+        "source": cfg.data.source,
+        "input_files": result.input_files,
+        "rows_in": rows_in,
+        "rows_used": rows_used,
+        "items_out": items_out,
+        "rows_quarantined": rows_quarantined,
+        "dim": dim,
+        "feature_names": result.feature_names,
+        "stats": stats,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config_hash": cfg.hash(),
+        **result.extra,
+    }
+
+
+def dimension_stats(features: DataFrame, dim: int) -> dict[str, list[float]]:
+    """Per-dimension min/max/mean, aggregated in Spark (only ``dim`` rows reach the driver)."""
+    rows = (
+        features.select(F.posexplode("features").alias("i", "v"))
+        .groupBy("i")
+        .agg(F.min("v").alias("min"), F.max("v").alias("max"), F.avg("v").alias("mean"))
+        .collect()
+    )
+    by_i = {r["i"]: r for r in rows}
+    return {k: [float(by_i[i][k]) for i in range(dim)] for k in ("min", "max", "mean")}
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """A small text file on any Hadoop filesystem (local paths included)."""
+    jvm = spark._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path if "://" in path else f"file://{path}")
+    fs = hpath.getFileSystem(spark._jsc.hadoopConfiguration())
+    out = fs.create(hpath, True)
+    try:
+        out.write(bytearray(text.encode("utf-8")))
+    finally:
+        out.close()

@@ -1,0 +1,147 @@
+"""MNIST idx files -> 784 floats in [0, 1] per image, label and split as item metadata.
+
+The idx files are parsed with numpy on the driver (70,000 images at most, ~55 MB of bytes); the
+magic numbers, dimensions and byte counts are checked, so a truncated file is an error naming it.
+Item ids run over the splits in order (train, then test), so they stay unique when both are present.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+
+from pipelines.publish import is_local, local_path
+from pipelines.sources import InputError, SourceResult, register
+
+log = logging.getLogger(__name__)
+
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+_IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(\.gz)?$")
+SPLIT_ORDER = {"train": 0, "t10k": 1, "test": 1}
+BAD_LABEL = "label out of range 0-9"
+
+
+def pairs(input_path: str) -> list[tuple[str, Path, Path]]:
+    """(split, images file, labels file) for every images file under the input, train first."""
+    if not is_local(input_path):
+        raise InputError(f"{input_path}: the mnist source reads local idx files only (data.input)")
+    base = local_path(input_path)
+    if not base.exists():
+        raise InputError(f"{base}: does not exist (data.input); expected *-images-idx3-ubyte[.gz] files")
+    candidates = [base] if base.is_file() else sorted(base.iterdir())
+    found = []
+    for img in candidates:
+        m = _IMAGES.match(img.name)
+        if not m:
+            continue
+        prefix = m["prefix"]
+        labels = [img.parent / f"{prefix}-labels-idx1-ubyte{ext}" for ext in ("", ".gz")]
+        labels += [img.parent / f"{prefix}-labels.idx1-ubyte{ext}" for ext in ("", ".gz")]
+        existing = [p for p in labels if p.is_file()]
+        if not existing:
+            raise InputError(f"{img}: no labels file next to it; expected {labels[0].name}[.gz]")
+        split = "test" if prefix.startswith("t10k") or prefix.startswith("test") else prefix
+        found.append((split, img, existing[0]))
+    if not found:
+        raise InputError(f"{base}: no MNIST images file; expected *-images-idx3-ubyte or *-images-idx3-ubyte.gz")
+    return sorted(found, key=lambda f: (SPLIT_ORDER.get(f[0], 2), f[0]))
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot be read ({exc}); truncated or not gzip?") from None
+
+
+def parse_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """uint8 array of shape (n, *dims); InputError naming the file when the header or size is wrong."""
+    data = _bytes(path)
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise InputError(f"{path}: {len(data)} bytes, too short for an idx header")
+    got = int.from_bytes(data[:4], "big")
+    if got != magic:
+        raise InputError(f"{path}: magic number 0x{got:08x}, expected 0x{magic:08x}")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise InputError(f"{path}: {len(data)} bytes, expected {expected} for dimensions {dims} (truncated?)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
+    """Parsed splits, each {split, images (n, 28*28 uint8), labels (n,), images_file, labels_file}."""
+    out, files = [], []
+    for split, img_path, lab_path in pairs(input_path):
+        images = parse_idx(img_path, IMAGES_MAGIC, 3)
+        labels = parse_idx(lab_path, LABELS_MAGIC, 1)
+        if len(images) != len(labels):
+            raise InputError(f"{lab_path}: {len(labels)} labels for {len(images)} images in {img_path.name}")
+        if len(images) == 0:
+            raise InputError(f"{img_path}: no images")
+        out.append({"split": split, "images": images.reshape(len(images), -1), "labels": labels,
+                    "images_file": str(img_path)})
+        files += [str(img_path), str(lab_path)]
+    if limit:
+        left = limit
+        for part in out:
+            part["images"], part["labels"] = part["images"][:left], part["labels"][:left]
+            left -= len(part["images"])
+        out = [p for p in out if len(p["images"])]
+    return out, files
+
+
+def check(cfg) -> None:
+    for _, img, lab in pairs(cfg.data.input):
+        for path, magic in ((img, IMAGES_MAGIC), (lab, LABELS_MAGIC)):
+            with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+                head = fh.read(4)
+            if len(head) < 4 or int.from_bytes(head, "big") != magic:
+                raise InputError(f"{path}: not an idx file (magic 0x{int.from_bytes(head, 'big'):08x}, "
+                                 f"expected 0x{magic:08x})")
+
+
+def read(spark: SparkSession, cfg) -> SourceResult:
+    splits, files = load(cfg.data.input, cfg.data.limit)
+    frames, bad = [], []
+    offset = 0
+    for part in splits:
+        n = len(part["images"])
+        ids = np.arange(offset, offset + n, dtype=np.int64)
+        offset += n
+        labels = part["labels"].astype(np.int32)
+        ok = labels <= 9
+        pixels = (part["images"][ok].astype(np.float32) / np.float32(255.0))
+        frames.append(pd.DataFrame({"item_id": ids[ok], "features": [row.tolist() for row in pixels], "label": labels[ok],
+                                    "split": part["split"]}))
+        bad += [(part["images_file"], f"image {i}, label {lab}", BAD_LABEL) for i, lab in
+                zip(np.flatnonzero(~ok), labels[~ok], strict=True)]
+    table = pd.concat(frames, ignore_index=True)
+    rows_in = offset
+    df = spark.createDataFrame(
+        table, "item_id long, features array<float>, label int, split string"
+    )
+    quarantine = spark.createDataFrame(bad, "source_file string, raw string, reason string")
+    log.info("mnist: %d images from %s", rows_in, ", ".join(files))
+    return SourceResult(
+        features=df.select("item_id", "features"),
+        items=df.select("item_id", "label", "split"),
+        quarantine=quarantine,
+        feature_names=[f"px{r}_{c}" for r in range(28) for c in range(28)],
+        input_files=files,
+        rows_in=lambda: rows_in,
+    )
+
+
+register("mnist", check, read)

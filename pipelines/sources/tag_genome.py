@@ -1,0 +1,223 @@
+"""Tag Genome (MovieLens ml-20m / ml-25m / ml-latest): long-format scores -> one vector per movie.
+
+``genome-scores.csv`` (movieId,tagId,relevance) is pivoted to one vector per movie ordered by tagId;
+the width is the number of tags in ``genome-tags.csv``. The scores file is scanned once and
+shuffled once: a single ``groupBy(movieId)`` collects each movie's good (index, relevance) pairs
+and its bad lines side by side, so the vectors, the incomplete movies and the per-line errors all
+come out of one cached aggregate. Nothing is zero-filled: a movie without every tag exactly once
+goes to quarantine with all its lines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.sources import InputError, SourceResult, register
+from pipelines.sources.csvfiles import CORRUPT, check_header, find_file, read_csv_strings
+
+log = logging.getLogger(__name__)
+
+SCORES_NAMES = ("genome-scores.csv", "genome_scores.csv")
+TAGS_NAMES = ("genome-tags.csv", "genome_tags.csv")
+MOVIES_NAMES = ("movies.csv", "movie.csv")
+SCORES_HEADER = ("movieId", "tagId", "relevance")
+TAGS_HEADER = ("tagId", "tag")
+MOVIES_HEADER = ("movieId", "title", "genres")
+
+# Quarantine reasons (stable strings: tests and dashboards group by them).
+MALFORMED = "malformed line"
+BAD_ID = "non-integer movieId or tagId"
+NON_NUMERIC = "non-numeric relevance"
+OUT_OF_RANGE = "relevance out of range [0, 1]"
+UNKNOWN_TAG = "unknown tagId"
+DUPLICATE = "duplicate (movieId, tagId)"
+INCOMPLETE = "incomplete vector"
+OVER_LIMIT = "beyond data.limit"
+NO_GENRES = "(no genres listed)"
+
+
+def files(input_dir: str) -> dict[str, str]:
+    return {
+        "scores": find_file(input_dir, SCORES_NAMES),
+        "tags": find_file(input_dir, TAGS_NAMES),
+        "movies": find_file(input_dir, MOVIES_NAMES),
+    }
+
+
+def check(cfg) -> None:
+    f = files(cfg.data.input)
+    check_header(f["scores"], SCORES_HEADER)
+    check_header(f["tags"], TAGS_HEADER)
+    check_header(f["movies"], MOVIES_HEADER)
+
+
+def read(spark: SparkSession, cfg) -> SourceResult:
+    f = files(cfg.data.input)
+    tags = load_tags(spark, f["tags"])
+    lines = read_csv_strings(spark, f["scores"], SCORES_HEADER)
+    movies = read_csv_strings(spark, f["movies"], MOVIES_HEADER)
+    return genome_result(spark, lines, tags, movies, f["scores"], cfg.data.limit, list(f.values()))
+
+
+register("tag_genome", check, read)
+
+
+# ---------------------------------------------------------------- the tag table (small, on the driver)
+
+
+def load_tags(spark: SparkSession, path: str) -> list[tuple[int, str]]:
+    """(tagId, tag) sorted by tagId. The tag table fixes the vector width, so any doubt about it is
+    an error naming the file, not a quarantine entry."""
+    rows = read_csv_strings(spark, path, TAGS_HEADER).collect()  # ~1,128 rows
+    tags: dict[int, str] = {}
+    for n, r in enumerate(rows, start=2):
+        try:
+            tag_id = int(str(r["tagId"]).strip())
+        except ValueError:
+            raise InputError(f"{path}: line {n}: tagId {r['tagId']!r} is not an integer") from None
+        if r[CORRUPT] is not None or r["tag"] is None:
+            raise InputError(f"{path}: line {n}: expected 2 fields tagId,tag, got {r[CORRUPT] or r['tagId']!r}")
+        if tag_id in tags:
+            raise InputError(f"{path}: tagId {tag_id} appears twice")
+        tags[tag_id] = r["tag"]
+    if not tags:
+        raise InputError(f"{path}: no tags; expected lines tagId,tag after the header")
+    return sorted(tags.items())
+
+
+# ---------------------------------------------------------------- pure transforms
+
+
+def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -> DataFrame:
+    """String lines -> movie_id, idx (vector position), rel, raw, reason (null = good line)."""
+    index = spark.createDataFrame(
+        [(t, i) for i, t in enumerate(tag_ids)], "tag_id int, idx int"
+    )
+    parsed = lines.select(
+        F.expr("try_cast(trim(movieId) as long)").alias("movie_id"),
+        F.expr("try_cast(trim(tagId) as int)").alias("tag_id"),
+        F.expr("try_cast(trim(relevance) as float)").alias("rel"),
+        F.coalesce(F.col(CORRUPT), F.concat_ws(",", "movieId", "tagId", "relevance")).alias("raw"),
+        F.col(CORRUPT).isNotNull().alias("corrupt"),
+        F.col("relevance").isNull().alias("no_rel"),
+    )
+    joined = parsed.join(F.broadcast(index), "tag_id", "left")
+    reason = (
+        F.when(F.col("corrupt") | F.col("no_rel"), F.lit(MALFORMED))
+        .when(F.col("movie_id").isNull() | F.col("tag_id").isNull(), F.lit(BAD_ID))
+        .when(F.col("rel").isNull(), F.lit(NON_NUMERIC))
+        .when(~((F.col("rel") >= 0.0) & (F.col("rel") <= 1.0)), F.lit(OUT_OF_RANGE))  # NaN fails too
+        .when(F.col("idx").isNull(), F.lit(UNKNOWN_TAG))
+    )
+    return joined.select("movie_id", "idx", "rel", "raw", reason.alias("reason"))
+
+
+def aggregate_movies(classified: DataFrame, dim: int) -> DataFrame:
+    """One row per movie_id (null = lines without a usable movieId): its good (idx, rel) pairs, its bad
+    lines, and whether the pairs are exactly one per tag."""
+    good = F.col("reason").isNull()
+    agg = classified.groupBy("movie_id").agg(
+        F.collect_list(F.when(good, F.struct("idx", "rel"))).alias("pairs"),
+        F.collect_list(F.when(~good, F.struct("raw", "reason"))).alias("bad"),
+    )
+    idxs = F.transform("pairs", lambda p: p["idx"])
+    complete = F.col("movie_id").isNotNull() & (F.size("pairs") == dim) & (F.size(F.array_distinct(idxs)) == dim)
+    return agg.select(
+        "movie_id",
+        complete.alias("complete"),
+        F.when(complete, F.transform(F.array_sort("pairs"), lambda p: p["rel"])).alias("vector"),
+        F.when(~complete, F.col("pairs")).alias("pairs"),
+        F.size("pairs").alias("n_good"),
+        "bad",
+    )
+
+
+def vectors(movies: DataFrame, max_id: int | None = None) -> DataFrame:
+    """Complete movies (up to ``max_id`` when a limit applies) as features rows."""
+    keep = F.col("complete") if max_id is None else F.col("complete") & (F.col("movie_id") <= max_id)
+    return movies.filter(keep).select(F.col("movie_id").alias("item_id"), F.col("vector").alias("features"))
+
+
+def quarantined(movies: DataFrame, tag_ids: list[int], source_file: str, max_id: int | None = None) -> DataFrame:
+    """Every line not used: bad lines as read, and the lines of incomplete, duplicated or over-limit
+    movies re-assembled from their parsed fields (movieId,tagId,relevance)."""
+    over = F.lit(False) if max_id is None else F.col("complete") & (F.col("movie_id") > max_id)
+    bad = movies.select(F.explode("bad").alias("b")).select(
+        F.lit(source_file).alias("source_file"), F.col("b.raw").alias("raw"), F.col("b.reason").alias("reason")
+    )
+    tag_of = F.array(*[F.lit(t) for t in tag_ids])
+    unused = movies.filter(~F.col("complete") | over).select(
+        "movie_id",
+        over.alias("over"),
+        F.when(over, F.transform("vector", lambda r, i: F.struct(F.lit(i).alias("idx"), r.alias("rel")))).otherwise(
+            F.col("pairs")
+        ).alias("pairs"),
+    )
+    unused = unused.select(
+        "movie_id", "over", F.transform("pairs", lambda p: p["idx"]).alias("idxs"), F.explode("pairs").alias("p")
+    )
+    dup = F.size(F.filter("idxs", lambda i: i == F.col("p.idx"))) > 1
+    raw = F.concat_ws(",", F.col("movie_id"), F.element_at(tag_of, F.col("p.idx") + 1), F.col("p.rel"))
+    reason = F.when(F.col("over"), F.lit(OVER_LIMIT)).when(dup, F.lit(DUPLICATE)).otherwise(F.lit(INCOMPLETE))
+    return bad.unionByName(
+        unused.select(F.lit(source_file).alias("source_file"), raw.alias("raw"), reason.alias("reason"))
+    )
+
+
+def movie_items(movies_lines: DataFrame, item_ids: DataFrame) -> DataFrame:
+    """item_id, title, genres (array; empty for "(no genres listed)") for every output item; an item
+    missing from movies.csv keeps null metadata rather than being dropped."""
+    meta = movies_lines.select(
+        F.expr("try_cast(trim(movieId) as long)").alias("item_id"),
+        F.col("title"),
+        F.when(F.col("genres").isNull() | (F.col("genres") == NO_GENRES), F.array().cast("array<string>"))
+        .otherwise(F.split("genres", r"\|"))
+        .alias("genres"),
+    ).filter(F.col("item_id").isNotNull()).dropDuplicates(["item_id"])
+    return item_ids.join(meta, "item_id", "left")
+
+
+# ---------------------------------------------------------------- composition
+
+
+def genome_result(
+    spark: SparkSession,
+    lines: DataFrame,
+    tags: list[tuple[int, str]],
+    movies_lines: DataFrame,
+    source_file: str,
+    limit: int = 0,
+    input_files: list[str] | None = None,
+) -> SourceResult:
+    """Scores lines + tag table + movies lines -> SourceResult. Caches the per-movie aggregate
+    (vectors of complete movies, pairs of the others): every output and count is read from it."""
+    tag_ids = [t for t, _ in tags]
+    dim = len(tag_ids)
+    movies = aggregate_movies(classify_scores(lines, tag_ids, spark), dim).persist(StorageLevel.MEMORY_AND_DISK)
+    max_id = None
+    if limit:
+        # The `limit` smallest complete movie ids are kept; the lines of later ones are quarantined.
+        max_id = movies.filter("complete").select("movie_id").orderBy("movie_id").limit(limit).agg(
+            F.max("movie_id")
+        ).first()[0]
+    features = vectors(movies, max_id)
+
+    def rows_in() -> int:
+        return int(movies.agg(F.sum(F.col("n_good") + F.size("bad"))).first()[0] or 0)
+
+    return SourceResult(
+        features=features,
+        items=movie_items(movies_lines, features.select("item_id")),
+        quarantine=quarantined(movies, tag_ids, source_file, max_id),
+        feature_names=[name for _, name in tags],
+        input_files=input_files or [source_file],
+        rows_in=rows_in,
+        rows_used=lambda: features.count() * dim,
+        extra={"tag_ids": tag_ids},
+        cleanup=movies.unpersist,
+    )
+
