@@ -8,7 +8,6 @@ import csv
 import gzip
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
@@ -79,6 +78,3 @@ def read_csv_strings(spark: SparkSession, path: str, columns: Sequence[str]) -> 
         .csv(path)
     )
 
-
-def file_name(path: str) -> str:
-    return Path(path).name if is_local(path) else path.rstrip("/").rsplit("/", 1)[-1]

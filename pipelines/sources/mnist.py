@@ -91,7 +91,7 @@ def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
         if len(images) == 0:
             raise InputError(f"{img_path}: no images")
         out.append({"split": split, "images": images.reshape(len(images), -1), "labels": labels,
-                    "images_file": str(img_path)})
+                    "images_file": str(img_path), "shape": images.shape[1:]})
         files += [str(img_path), str(lab_path)]
     if limit:
         left = limit
@@ -127,6 +127,10 @@ def read(spark: SparkSession, cfg) -> SourceResult:
                                     "split": part["split"]}))
         bad += [(part["images_file"], f"image {i}, label {lab}", BAD_LABEL) for i, lab in
                 zip(np.flatnonzero(~ok), labels[~ok], strict=True)]
+    shapes = {tuple(p["shape"]) for p in splits}
+    if len(shapes) != 1:
+        raise InputError(f"{cfg.data.input}: images of different sizes {sorted(shapes)} in one input")
+    height, width = shapes.pop()
     table = pd.concat(frames, ignore_index=True)
     rows_in = offset
     df = spark.createDataFrame(
@@ -138,7 +142,7 @@ def read(spark: SparkSession, cfg) -> SourceResult:
         features=df.select("item_id", "features"),
         items=df.select("item_id", "label", "split"),
         quarantine=quarantine,
-        feature_names=[f"px{r}_{c}" for r in range(28) for c in range(28)],
+        feature_names=[f"px{r}_{c}" for r in range(height) for c in range(width)],
         input_files=files,
         rows_in=lambda: rows_in,
     )

@@ -62,7 +62,7 @@ def _item_genres(sc: SyntheticConfig, item: Column) -> tuple[Column, Column]:
 
 def relevance(sc: SyntheticConfig, item: Column, tag: Column, g1: Column, g2: Column) -> Column:
     """Relevance in [0, 1] (5 decimals) of tag index ``tag`` for an item of genres g1, g2."""
-    p = min(0.5, 2.5 / sc.genres)  # each tag belongs to ~2.5 genres
+    p = min(0.2, 2.5 / sc.genres)  # each tag belongs to ~2.5 genres (fewer when there are few genres)
 
     def tied(g: Column) -> Column:
         return g.isNotNull() & (_u(sc.seed, g, tag, "tie") < p)
