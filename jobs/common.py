@@ -95,6 +95,18 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def spark_conf(cfg: Config) -> dict[str, str]:
+    """``spark.conf`` plus what the source needs on the classpath before the JVM starts: the JDBC
+    driver jar (``data.jdbc.driver_jar``) is appended to ``spark.jars`` when ``data.source=jdbc``."""
+    conf = dict(cfg.spark.conf)
+    jar = cfg.data.jdbc.driver_jar
+    if cfg.data.source == "jdbc" and jar:
+        jars = [j for j in conf.get("spark.jars", "").split(",") if j]
+        if jar not in jars:
+            conf["spark.jars"] = ",".join([*jars, jar])
+    return conf
+
+
 def build_spark(cfg: Config) -> Any:
     from pyspark.sql import SparkSession
 
@@ -119,7 +131,7 @@ def build_spark(cfg: Config) -> Any:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")
     )
-    for key, value in cfg.spark.conf.items():
+    for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

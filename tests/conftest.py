@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 
+JDBC_JAR = "/usr/share/java/postgresql.jar"
+
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
@@ -32,6 +34,8 @@ def spark(tmp_path_factory):
         .config("spark.sql.warehouse.dir", str(warehouse))
         .config("spark.ui.enabled", "false")
         .config("spark.driver.memory", "2g")
+        # The JDBC source's tests need the driver before the JVM starts (scripts/setup_system.sh installs it).
+        .config("spark.jars", JDBC_JAR if os.path.isfile(JDBC_JAR) else "")
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
