@@ -12,6 +12,9 @@ from pipelines.config import SOURCES, presets
 # subcommand -> (module under jobs/, one-line help). Each module has DESCRIPTION and command(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("jobs.ingest", "raw data -> validated Parquet feature vectors"),
+    "infer": ("jobs.infer", "score every item, publish codes/ and neighbors/, draw the maps"),
+    "neighbors": ("jobs.neighbors", "print the nearest items to a title or id"),
+    "run": ("jobs.run", "ingest -> train -> infer in one command"),
 }
 
 

@@ -121,7 +121,7 @@ def _encoder(load_uri: str, tracking_uri: str, threads: int):  # noqa: ANN202 - 
 
     if threads > 0:
         torch.set_num_threads(threads)
-    if tracking_uri and "://" in load_uri:
+    if tracking_uri and not Path(load_uri).is_dir():
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
