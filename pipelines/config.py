@@ -195,11 +195,32 @@ class InferConfig:
     method: Literal["auto", "exact", "grid", "lsh"] = "auto"
     # Up to this many items the exact all-pairs top-k is used when method=auto.
     exact_max_items: int = 20000
-    batch_size: int = 8192
+    # Rows per Arrow batch handed to the model in a Spark task (spark.sql.execution.arrow.maxRecordsPerBatch).
+    batch_size: int = 16384
+    # Torch threads per Spark Python worker; 0 = spark.task.cpus (one per concurrently running task).
+    torch_threads: int = 0
+    # method=grid: about this many items per tile (one KD-tree per tile and pass).
+    tile_items: int = 50000
+    # method=lsh: hash tables, and items per bucket (hyperplanes per table = log2(items / this)).
+    lsh_tables: int = 8
+    lsh_bucket_items: int = 2000
+    # Query items sampled to measure an approximate method's recall against exact (0 = skip).
+    recall_sample: int = 1000
+    # Maps (PNG + HTML) are drawn from a seeded sample of at most this many items (0 = no maps).
+    map_max_points: int = 50000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"infer.k: must be >= 1, got {self.k}")
+        if self.layer != -1 and self.layer < 1:
+            raise ValueError(f"infer.layer: must be -1 (the code) or a layer number >= 1, got {self.layer}")
+        for key in ("exact_max_items", "batch_size", "tile_items", "lsh_tables", "lsh_bucket_items"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"infer.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("torch_threads", "recall_sample", "map_max_points"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"infer.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
