@@ -121,6 +121,10 @@ def build_spark(cfg: Config) -> Any:
             .config("spark.driver.memory", cfg.spark.driver_memory)
             .config("spark.pyspark.python", sys.executable)
         )
+        if cfg.spark.master.startswith("local"):
+            # One machine: keep the driver on loopback instead of whatever the hostname resolves to.
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     # Under spark-submit its --master, --driver-memory and the executors' Python win: on a cluster the
     # executors' interpreter (e.g. ./environment/bin/python from --archives) need not exist here.
     elif not os.environ.get("PYSPARK_PYTHON"):
