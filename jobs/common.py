@@ -144,6 +144,14 @@ def build_spark(cfg: Config) -> Any:
 
 @contextmanager
 def spark_session(cfg: Config) -> Iterator[Any]:
+    """The job's SparkSession. Re-entrant: inside another job's session (``sae run``) that session is
+    reused and left running, so a pipeline starts one JVM, not one per stage."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
     spark = build_spark(cfg)
     try:
         yield spark

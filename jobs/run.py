@@ -6,30 +6,27 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from jobs.common import log, new_parser, resolve, setup_logging
+from jobs.common import log, new_parser, resolve, setup_logging, spark_session
 from pipelines.config import Config
 
 DESCRIPTION = "Run ingest, training and inference in turn; print where the tables, maps and MLflow store are."
 
 
 def run(cfg: Config) -> dict:
-    from jobs import infer, ingest
+    from jobs import infer, ingest, train
 
-    try:
-        train = importlib.import_module("jobs.train")
-    except ModuleNotFoundError as exc:
-        if exc.name != "jobs.train":
-            raise
-        raise SystemExit("sae run: training stage not installed (jobs/train.py is missing)") from None
-    manifest = ingest.run(cfg)
-    log.info("ingest: %s items", manifest.get("items_out"))
-    trained = train.run(cfg)
-    log.info("train: model %s (run %s, version %s)", trained["model_uri"], trained.get("run_id"), trained.get("model_version"))
-    # Infer with exactly the model this run trained, not whatever the alias points at.
-    return infer.run(cfg, model_uri=trained["model_uri"])
+    # One SparkSession for the ingest and inference stages (training itself needs none locally).
+    with spark_session(cfg):
+        manifest = ingest.run(cfg)
+        log.info("ingest: %s items", manifest.get("items_out"))
+        trained = train.run(cfg)
+        log.info(
+            "train: model %s (run %s, version %s)", trained["model_uri"], trained.get("run_id"), trained.get("model_version")
+        )
+        # Infer with exactly the model this run trained, not whatever the alias points at.
+        return infer.run(cfg, model_uri=trained["model_uri"])
 
 
 def main(argv: list[str] | None = None) -> int:
