@@ -25,8 +25,12 @@ def run(cfg: Config) -> dict:
         log.info(
             "train: model %s (run %s, version %s)", trained["model_uri"], trained.get("run_id"), trained.get("model_version")
         )
-        # Infer with exactly the model this run trained, not whatever the alias points at.
-        return infer.run(cfg, model_uri=trained["model_uri"])
+        # Infer with exactly the model this run trained, not whatever the alias points at; by its
+        # registered version when there is one, so the tables name a version downstream can look up.
+        model_uri = trained["model_uri"]
+        if trained.get("model_version") and cfg.mlflow.registered_model:
+            model_uri = f"models:/{cfg.mlflow.registered_model}/{trained['model_version']}"
+        return infer.run(cfg, model_uri=model_uri)
 
 
 def main(argv: list[str] | None = None) -> int:

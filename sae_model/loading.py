@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> StackedA
     return model.to(device).eval()
 
 
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor over ``x`` without a copy. Arrow hands Spark batches over read-only; the model
+    only reads its input, so torch's warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
+
+
 class Encoder:
     """A loaded model for scoring: numpy float32 rows in, codes (or a hidden layer) out."""
 
@@ -70,13 +79,13 @@ class Encoder:
             raise ValueError(f"expected rows of width {self.input_width}, got an array of shape {x.shape}")
         out = np.empty((x.shape[0], self.layer_width(layer)), dtype=np.float32)
         for start in range(0, x.shape[0], batch_size):
-            xb = torch.from_numpy(x[start : start + batch_size]).to(self.device)
+            xb = _tensor(x[start : start + batch_size]).to(self.device)
             out[start : start + batch_size] = self.model.encode(xb, layer).float().cpu().numpy()
         return out
 
     @torch.inference_mode()
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
-        xb = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self.device)
+        xb = _tensor(np.asarray(x, dtype=np.float32)).to(self.device)
         return self.model(xb).float().cpu().numpy()
 
 
@@ -84,6 +93,9 @@ class Encoder:
 
 try:  # the pyfunc wrapper needs mlflow; the model itself does not
     import mlflow.pyfunc
+
+    # predict() deliberately has no type hints: MLflow would read them as an input schema.
+    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
     class SAEPyfunc(mlflow.pyfunc.PythonModel):
         """MLflow pyfunc: ``predict`` takes rows of features, returns their codes."""
