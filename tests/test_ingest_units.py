@@ -147,3 +147,16 @@ def test_identical_rejected_lines_are_each_quarantined(spark):
     got = sorted((r["raw"], r["reason"]) for r in quarantine)
     assert got == sorted([("1,99,0.5", tg.UNKNOWN_TAG)] * 3 + [("x,10,0.5", tg.BAD_ID)] * 2 + [("junk", tg.MALFORMED)] * 2)
     assert len(rows) == 3 * len(features) + len(quarantine)
+
+
+def test_vector_summary_checks_widths_and_holes_and_gives_per_dimension_stats(spark):
+    from pipelines.ingest import vector_summary
+
+    schema = "item_id long, features array<float>"
+    good = spark.createDataFrame([(1, [0.0, 0.5, 1.0]), (2, [0.25, 0.5, 0.0]), (2, [0.5, 0.5, 0.5])], schema)
+    s = vector_summary(good.repartition(2), 3)
+    assert (s["n"], s["ids"], s["min_w"], s["max_w"], s["holes"]) == (3, 2, 3, 3, 0)  # ids: 2 distinct of 3
+    assert s["stats"] == {"min": [0.0, 0.5, 0.0], "max": [0.5, 0.5, 1.0], "mean": pytest.approx([0.25, 0.5, 0.5])}
+    bad = spark.createDataFrame([(1, [0.0, None, 1.0]), (2, [float("nan"), 0.5, 0.0]), (3, [0.5]), (4, None)], schema)
+    s = vector_summary(bad, 3)
+    assert (s["n"], s["min_w"], s["max_w"], s["holes"]) == (4, -1, 3, 2) and "stats" not in s
