@@ -12,6 +12,9 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -78,13 +81,7 @@ def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> di
 def build_manifest(features: DataFrame, result: SourceResult, cfg: Config, rows_quarantined: int) -> dict[str, Any]:
     """Check the written features (fixed width, unique ids) and describe them."""
     dim = len(result.feature_names)
-    summary = features.agg(
-        F.count("*").alias("n"),
-        F.countDistinct("item_id").alias("ids"),
-        F.min(F.size("features")).alias("min_w"),
-        F.max(F.size("features")).alias("max_w"),
-        F.sum(F.exists("features", lambda v: v.isNull() | F.isnan(v)).cast("int")).alias("holes"),
-    ).first()
+    summary = vector_summary(features, dim)
     items_out = int(summary["n"])
     if items_out and (summary["min_w"] != dim or summary["max_w"] != dim):
         raise SchemaError(
@@ -100,7 +97,7 @@ def build_manifest(features: DataFrame, result: SourceResult, cfg: Config, rows_
         raise RuntimeError(
             f"counts do not reconcile: rows_in {rows_in} != rows used {rows_used} + quarantined {rows_quarantined}"
         )
-    stats = dimension_stats(features, dim) if items_out else {"min": [], "max": [], "mean": []}
+    stats = summary["stats"] if items_out else {"min": [], "max": [], "mean": []}
     return {
         "source": cfg.data.source,
         "input_files": result.input_files,
@@ -117,16 +114,66 @@ def build_manifest(features: DataFrame, result: SourceResult, cfg: Config, rows_
     }
 
 
-def dimension_stats(features: DataFrame, dim: int) -> dict[str, list[float]]:
-    """Per-dimension min/max/mean, aggregated in Spark (only ``dim`` rows reach the driver)."""
-    rows = (
-        features.select(F.posexplode("features").alias("i", "v"))
-        .groupBy("i")
-        .agg(F.min("v").alias("min"), F.max("v").alias("max"), F.avg("v").alias("mean"))
-        .collect()
-    )
-    by_i = {r["i"]: r for r in rows}
-    return {k: [float(by_i[i][k]) for i in range(dim)] for k in ("min", "max", "mean")}
+SUMMARY_SCHEMA = "n long, min_w int, max_w int, holes long, mins array<double>, maxs array<double>, sums array<double>"
+
+
+def vector_summary(features: DataFrame, dim: int) -> dict[str, Any]:
+    """Row count, distinct ids, min/max vector width, vectors with null or NaN values and the
+    per-dimension min/max/mean, in two passes over the written table: the ids alone (a cheap
+    column) and one vectorised pass over the vectors (numpy per Arrow batch, one partial row per
+    partition). Only those partials (partitions x 3 x ``dim`` numbers) reach the driver."""
+    ids = features.agg(F.count("*").alias("n"), F.countDistinct("item_id").alias("ids")).first()
+    parts = features.select("features").mapInArrow(_partial_summary(dim), SUMMARY_SCHEMA).collect()
+    parts = [p for p in parts if p["n"]]
+    out: dict[str, Any] = {"n": int(ids["n"]), "ids": int(ids["ids"])}
+    out["min_w"] = min((p["min_w"] for p in parts), default=None)
+    out["max_w"] = max((p["max_w"] for p in parts), default=None)
+    out["holes"] = sum(p["holes"] for p in parts)
+    if parts and out["min_w"] == out["max_w"] == dim and not out["holes"]:
+        n = sum(p["n"] for p in parts)
+        out["stats"] = {
+            "min": [float(v) for v in np.min([p["mins"] for p in parts], axis=0)],
+            "max": [float(v) for v in np.max([p["maxs"] for p in parts], axis=0)],
+            "mean": [float(v) for v in np.sum([p["sums"] for p in parts], axis=0) / n],
+        }
+    return out
+
+
+def _partial_summary(dim: int):
+    """mapInArrow function: the summary of one partition's vectors as one row (see vector_summary)."""
+
+    def run(batches):
+        n = holes = 0
+        min_w, max_w = 2**31 - 1, -1
+        mins, maxs, sums = np.full(dim, np.inf), np.full(dim, -np.inf), np.zeros(dim)
+        for batch in batches:
+            col = batch.column(0)
+            if not len(col):
+                continue
+            widths = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
+            n += len(col)
+            min_w, max_w = min(min_w, int(widths.min())), max(max_w, int(widths.max()))
+            values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
+            bad = np.isnan(values)
+            if bad.any():
+                rows = np.repeat(np.arange(len(widths)), np.maximum(widths, 0))
+                holes += len(np.unique(rows[bad]))
+            elif widths.min() == widths.max() == dim:
+                m = values.reshape(-1, dim)
+                mins, maxs, sums = np.minimum(mins, m.min(0)), np.maximum(maxs, m.max(0)), sums + m.sum(0)
+        yield pa.RecordBatch.from_pylist(
+            [{"n": n, "min_w": min_w, "max_w": max_w, "holes": holes,
+              "mins": mins.tolist(), "maxs": maxs.tolist(), "sums": sums.tolist()}],
+            schema=_SUMMARY_ARROW,
+        )
+
+    return run
+
+
+_SUMMARY_ARROW = pa.schema([
+    ("n", pa.int64()), ("min_w", pa.int32()), ("max_w", pa.int32()), ("holes", pa.int64()),
+    ("mins", pa.list_(pa.float64())), ("maxs", pa.list_(pa.float64())), ("sums", pa.list_(pa.float64())),
+])
 
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:

@@ -49,7 +49,7 @@ def _pivot(spark, rows, limit_id=None):
     classified = tg.classify_scores(_lines(spark, rows), TAG_IDS, spark)
     movies = tg.aggregate_movies(classified, len(TAG_IDS))
     features = {r["item_id"]: r["features"] for r in tg.vectors(movies, limit_id).collect()}
-    quarantine = tg.bad_lines(classified, "scores.csv").collect()
+    quarantine = tg.bad_lines(movies, "scores.csv").collect()
     quarantine += tg.unused_lines(movies, TAG_IDS, "scores.csv", limit_id).collect()
     return features, quarantine
 
@@ -136,3 +136,27 @@ def test_synthetic_is_deterministic_bounded_and_genre_structured(spark):
     same = [np.linalg.norm(x[i] - x[j]) for i in range(50) for j in range(i) if genre[i] == genre[j]]
     diff = [np.linalg.norm(x[i] - x[j]) for i in range(50) for j in range(i) if genre[i] != genre[j]]
     assert np.mean(same) < np.mean(diff)
+
+
+def test_identical_rejected_lines_are_each_quarantined(spark):
+    # rejected lines are grouped by raw text in the one shuffle; every copy must still come out
+    rows = [(str(m), str(t), "0.5", None) for m in (1,) for t in TAG_IDS]
+    rows += [("1", "99", "0.5", None)] * 3 + [("x", "10", "0.5", None)] * 2 + [(None, None, None, "junk")] * 2
+    features, quarantine = _pivot(spark, rows)
+    assert list(features) == [1]
+    got = sorted((r["raw"], r["reason"]) for r in quarantine)
+    assert got == sorted([("1,99,0.5", tg.UNKNOWN_TAG)] * 3 + [("x,10,0.5", tg.BAD_ID)] * 2 + [("junk", tg.MALFORMED)] * 2)
+    assert len(rows) == 3 * len(features) + len(quarantine)
+
+
+def test_vector_summary_checks_widths_and_holes_and_gives_per_dimension_stats(spark):
+    from pipelines.ingest import vector_summary
+
+    schema = "item_id long, features array<float>"
+    good = spark.createDataFrame([(1, [0.0, 0.5, 1.0]), (2, [0.25, 0.5, 0.0]), (2, [0.5, 0.5, 0.5])], schema)
+    s = vector_summary(good.repartition(2), 3)
+    assert (s["n"], s["ids"], s["min_w"], s["max_w"], s["holes"]) == (3, 2, 3, 3, 0)  # ids: 2 distinct of 3
+    assert s["stats"] == {"min": [0.0, 0.5, 0.0], "max": [0.5, 0.5, 1.0], "mean": pytest.approx([0.25, 0.5, 0.5])}
+    bad = spark.createDataFrame([(1, [0.0, None, 1.0]), (2, [float("nan"), 0.5, 0.0]), (3, [0.5]), (4, None)], schema)
+    s = vector_summary(bad, 3)
+    assert (s["n"], s["min_w"], s["max_w"], s["holes"]) == (4, -1, 3, 2) and "stats" not in s

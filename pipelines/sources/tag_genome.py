@@ -1,12 +1,11 @@
 """Tag Genome (MovieLens ml-20m / ml-25m / ml-latest): long-format scores -> one vector per movie.
 
 ``genome-scores.csv`` (movieId,tagId,relevance) is pivoted to one vector per movie ordered by tagId;
-the width is the number of tags in ``genome-tags.csv``. The scores are shuffled once: a single
-``groupBy(movieId)`` collects each movie's good (index, relevance) pairs, and the vectors and the
-lines of incomplete or duplicated movies all come out of that one cached aggregate. Lines rejected on
-their own (malformed, bad numbers, unknown tag) are picked out by a second, narrow scan (no shuffle)
-and cached, as they are few. Nothing is zero-filled: a movie without every tag exactly once goes to
-quarantine with all its lines.
+the width is the number of tags in ``genome-tags.csv``. The scores file is scanned and shuffled once:
+a single groupBy collects each movie's good (index, relevance) pairs, and each line rejected on its
+own (malformed, bad numbers, unknown tag) forms its own group keyed by its raw text and reason. The
+vectors, every quarantined line and the counts all come out of that one cached aggregate. Nothing is
+zero-filled: a movie without every tag exactly once goes to quarantine with all its lines.
 """
 
 from __future__ import annotations
@@ -118,21 +117,29 @@ def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -
 
 
 def aggregate_movies(classified: DataFrame, dim: int) -> DataFrame:
-    """One row per movie from its good lines: the vector when it has every tag exactly once, else
-    its (idx, rel) pairs so the lines can be quarantined. Only a single collect_list of two numbers
-    goes through the shuffle, as in a bare pivot: adding a second aggregate or any string to it
-    made the aggregation 2-3x slower in measurements here."""
-    agg = classified.filter(F.col("reason").isNull()).groupBy("movie_id").agg(
-        F.collect_list(F.struct("idx", "rel")).alias("pairs")
-    )
+    """The one shuffle of the scores: a row per movie from its good lines, and a row per distinct
+    rejected line. A movie row holds its vector when it has every tag exactly once, else its
+    (idx, rel) pairs so the lines can be quarantined. A rejected line is grouped by its raw text and
+    reason (movie_id null), so it rides the same shuffle and the file is scanned once; ``n_lines``
+    counts identical copies. Only a single collect_list of two numbers goes through the shuffle, as
+    in a bare pivot: adding a second aggregate or any string to it made the aggregation 2-3x slower
+    in measurements here (the grouping key's strings are null for every good line)."""
+    good = F.col("reason").isNull()
+    agg = classified.groupBy(
+        F.when(good, F.col("movie_id")).alias("movie_id"),
+        F.when(~good, F.col("raw")).alias("raw"),
+        F.col("reason"),
+    ).agg(F.collect_list(F.struct("idx", "rel")).alias("pairs"))
     idxs = F.transform("pairs", lambda p: p["idx"])
-    complete = (F.size("pairs") == dim) & (F.size(F.array_distinct(idxs)) == dim)
-    return agg.select("movie_id", "pairs", complete.alias("complete")).select(
+    complete = good & (F.size("pairs") == dim) & (F.size(F.array_distinct(idxs)) == dim)
+    return agg.select("movie_id", "raw", "reason", "pairs", complete.alias("complete")).select(
         "movie_id",
+        "raw",
+        "reason",
         "complete",
         F.when(F.col("complete"), F.transform(F.array_sort("pairs"), lambda p: p["rel"])).alias("vector"),
-        F.when(~F.col("complete"), F.col("pairs")).alias("pairs"),
-        F.size("pairs").alias("n_good"),
+        F.when(good & ~F.col("complete"), F.col("pairs")).alias("pairs"),
+        F.size("pairs").alias("n_lines"),
     )
 
 
@@ -142,11 +149,15 @@ def vectors(movies: DataFrame, max_id: int | None = None) -> DataFrame:
     return movies.filter(keep).select(F.col("movie_id").alias("item_id"), F.col("vector").alias("features"))
 
 
-def bad_lines(classified: DataFrame, source_file: str) -> DataFrame:
-    """Lines rejected on their own (malformed, bad id, bad relevance, unknown tag), as read."""
-    return classified.filter(F.col("reason").isNotNull()).select(
-        F.lit(source_file).alias("source_file"), "raw", "reason"
-    )
+def bad_lines(movies: DataFrame, source_file: str) -> DataFrame:
+    """Lines rejected on their own (malformed, bad id, bad relevance, unknown tag), as read, one row
+    per line (identical lines were grouped in aggregate_movies)."""
+    return movies.filter(F.col("reason").isNotNull()).select(
+        F.lit(source_file).alias("source_file"),
+        "raw",
+        "reason",
+        F.explode(F.array_repeat(F.lit(True), F.col("n_lines"))).alias("_copy"),
+    ).drop("_copy")
 
 
 def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id: int | None = None) -> DataFrame:
@@ -154,7 +165,7 @@ def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id
     fields as movieId,tagId,relevance (the aggregate does not carry the raw text; see aggregate_movies)."""
     over = F.lit(False) if max_id is None else F.col("complete") & (F.col("movie_id") > max_id)
     tag_of = F.array(*[F.lit(t) for t in tag_ids])
-    unused = movies.filter(~F.col("complete") | over).select(
+    unused = movies.filter(F.col("reason").isNull() & (~F.col("complete") | over)).select(
         "movie_id",
         over.alias("over"),
         F.when(over, F.transform("vector", lambda r, i: F.struct(i.alias("idx"), r.alias("rel")))).otherwise(
@@ -208,25 +219,25 @@ def genome_result(
             F.max("movie_id")
         ).first()[0]
     features = vectors(movies, max_id)
-    bad = bad_lines(classified, source_file).persist(StorageLevel.MEMORY_AND_DISK)
     counted: dict[str, int] = {}
 
-    def rows_in() -> int:
-        # Good lines from the cached aggregate + the rejected lines, cached when quarantine was written.
+    def count() -> dict[str, int]:
+        # Every scores line is one element of one aggregate row's pairs (n_lines): one pass over the cache.
         if not counted:
-            good = int(movies.agg(F.sum("n_good")).first()[0] or 0)
-            counted["rows_in"] = good + bad.count()
-        return counted["rows_in"]
+            used = F.when(F.col("complete") & (F.lit(True) if max_id is None else F.col("movie_id") <= max_id), 1)
+            row = movies.agg(F.sum("n_lines").alias("rows_in"), F.count(used).alias("items")).first()
+            counted.update(rows_in=int(row["rows_in"] or 0), rows_used=int(row["items"]) * dim)
+        return counted
 
     return SourceResult(
         features=features,
         items=movie_items(movies_lines, features.select("item_id")),
-        quarantine=bad.unionByName(unused_lines(movies, tag_ids, source_file, max_id)),
+        quarantine=bad_lines(movies, source_file).unionByName(unused_lines(movies, tag_ids, source_file, max_id)),
         feature_names=[name for _, name in tags],
         input_files=input_files or [source_file],
-        rows_in=rows_in,
-        rows_used=lambda: features.count() * dim,
+        rows_in=lambda: count()["rows_in"],
+        rows_used=lambda: count()["rows_used"],
         extra={"tag_ids": tag_ids},
-        cleanup=lambda: [df.unpersist() for df in (movies, bad)] and None,
+        cleanup=lambda: movies.unpersist() and None,
     )
 
