@@ -3,9 +3,10 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint clean
 
 setup: $(VENV)/.installed
+	@scripts/setup_system.sh
 
 $(VENV)/.installed: pyproject.toml scripts/check_java.sh
 	@scripts/check_java.sh

@@ -13,6 +13,9 @@ from pipelines.config import SOURCES, presets
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("jobs.ingest", "raw data -> validated Parquet feature vectors"),
     "train": ("jobs.train", "pretrain + fine-tune the autoencoder on features/, log to MLflow"),
+    "infer": ("jobs.infer", "score every item, publish codes/ and neighbors/, draw the maps"),
+    "neighbors": ("jobs.neighbors", "print the nearest items to a title or id"),
+    "run": ("jobs.run", "ingest -> train -> infer in one command"),
 }
 
 

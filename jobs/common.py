@@ -95,6 +95,18 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def spark_conf(cfg: Config) -> dict[str, str]:
+    """``spark.conf`` plus what the source needs on the classpath before the JVM starts: the JDBC
+    driver jar (``data.jdbc.driver_jar``) is appended to ``spark.jars`` when ``data.source=jdbc``."""
+    conf = dict(cfg.spark.conf)
+    jar = cfg.data.jdbc.driver_jar
+    if cfg.data.source == "jdbc" and jar:
+        jars = [j for j in conf.get("spark.jars", "").split(",") if j]
+        if jar not in jars:
+            conf["spark.jars"] = ",".join([*jars, jar])
+    return conf
+
+
 def build_spark(cfg: Config) -> Any:
     from pyspark.sql import SparkSession
 
@@ -109,6 +121,10 @@ def build_spark(cfg: Config) -> Any:
             .config("spark.driver.memory", cfg.spark.driver_memory)
             .config("spark.pyspark.python", sys.executable)
         )
+        if cfg.spark.master.startswith("local"):
+            # One machine: keep the driver on loopback instead of whatever the hostname resolves to.
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+            builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     # Under spark-submit its --master, --driver-memory and the executors' Python win: on a cluster the
     # executors' interpreter (e.g. ./environment/bin/python from --archives) need not exist here.
     elif not os.environ.get("PYSPARK_PYTHON"):
@@ -119,7 +135,7 @@ def build_spark(cfg: Config) -> Any:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")
     )
-    for key, value in cfg.spark.conf.items():
+    for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -128,6 +144,14 @@ def build_spark(cfg: Config) -> Any:
 
 @contextmanager
 def spark_session(cfg: Config) -> Iterator[Any]:
+    """The job's SparkSession. Re-entrant: inside another job's session (``sae run``) that session is
+    reused and left running, so a pipeline starts one JVM, not one per stage."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
     spark = build_spark(cfg)
     try:
         yield spark

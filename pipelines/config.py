@@ -62,6 +62,93 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class LogsConfig:
+    """data.logs.*: user tag applications (source=movielens_tags) -> one vector per movie."""
+
+    # Vocabulary: the N most used normalised tags with at least min_support applications.
+    vocab_size: int = 1128
+    min_support: int = 2
+    # counts = raw counts; tfidf = count share x smoothed idf; relevance = count / the movie's max (in [0, 1]).
+    weighting: Literal["counts", "tfidf", "relevance"] = "relevance"
+    # Merge new records into paths.root/state/ (false = rebuild from the input alone, state rewritten).
+    incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"data.logs.vocab_size: must be >= 1, got {self.vocab_size}")
+        if self.min_support < 1:
+            raise ValueError(f"data.logs.min_support: must be >= 1, got {self.min_support}")
+
+
+@dataclass(frozen=True)
+class RatingsConfig:
+    """data.ratings.*: ratings.csv (source=movielens_ratings) -> mean-centred rating vectors."""
+
+    # item = one vector per movie over users (item map); user = one per user over movies (user map).
+    entity: Literal["item", "user"] = "item"
+    # Vector width: the `width` most active users (items), or `width` hash buckets of them.
+    width: int = 1024
+    columns: Literal["top", "hash"] = "top"
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"data.ratings.width: must be >= 1, got {self.width}")
+
+
+@dataclass(frozen=True)
+class JdbcConfig:
+    """data.jdbc.*: a table or query over JDBC. Credentials come only from the environment variables
+    named here or from secrets_file (YAML/JSON with user/password), never from this config."""
+
+    url: str = ""  # jdbc:postgresql://host:5432/db, without user or password
+    table: str = ""  # a table name, or
+    query: str = ""  # a SELECT (exactly one of table/query)
+    driver: str = "org.postgresql.Driver"
+    # Put on Spark's classpath before the JVM starts (jobs.common.build_spark adds it to spark.jars).
+    driver_jar: str = "/usr/share/java/postgresql.jar"
+    user_env: str = "SAE_JDBC_USER"
+    password_env: str = "SAE_JDBC_PASSWORD"
+    secrets_file: str = ""
+    # wide: id_column + one column per feature; long: rows of (id_column, feature_column, value_column).
+    shape: Literal["wide", "long"] = "wide"
+    id_column: str = "id"
+    feature_columns: list[str] = field(default_factory=list)  # wide; empty = every numeric column but id/metadata
+    metadata_columns: list[str] = field(default_factory=list)  # copied to items/
+    feature_column: str = "feature"
+    value_column: str = "value"
+    # long shape: an (id, feature) pair with no row is 0.0 (true) or quarantines the id (false).
+    fill_missing: bool = True
+    # Partitioned read: numeric column and bounds split into num_partitions range queries.
+    partition_column: str = ""
+    lower_bound: int = 0
+    upper_bound: int = 0
+    num_partitions: int = 1
+    fetch_size: int = 10000
+
+    def __post_init__(self) -> None:
+        if self.table and self.query:
+            raise ValueError("data.jdbc: set table or query, not both")
+        if self.num_partitions < 1:
+            raise ValueError(f"data.jdbc.num_partitions: must be >= 1, got {self.num_partitions}")
+        if self.partition_column and self.upper_bound <= self.lower_bound:
+            raise ValueError("data.jdbc.upper_bound: must be > data.jdbc.lower_bound with partition_column set")
+        if "password=" in self.url.lower() or "@" in self.url.split("?")[0].split("//", 1)[-1]:
+            raise ValueError(
+                "data.jdbc.url: must not carry credentials; use data.jdbc.user_env/password_env or secrets_file"
+            )
+
+
+def _check_date(value: str, key: str) -> None:
+    import datetime as _dt
+
+    if value:
+        try:
+            _dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc"] = "mnist"
     # A directory or a file; relative paths are resolved against the working directory.
@@ -70,10 +157,16 @@ class DataConfig:
     limit: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     options: dict[str, str] = field(default_factory=dict)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    ratings: RatingsConfig = field(default_factory=RatingsConfig)
+    jdbc: JdbcConfig = field(default_factory=JdbcConfig)
+    # Log sources: read only records from this date (UTC) on, or date=... partitions from it on.
+    since: str = ""
 
     def __post_init__(self) -> None:
         if self.limit < 0:
             raise ValueError(f"data.limit: must be >= 0, got {self.limit}")
+        _check_date(self.since, "data.since")
 
 
 @dataclass(frozen=True)
@@ -102,11 +195,32 @@ class InferConfig:
     method: Literal["auto", "exact", "grid", "lsh"] = "auto"
     # Up to this many items the exact all-pairs top-k is used when method=auto.
     exact_max_items: int = 20000
-    batch_size: int = 8192
+    # Rows per Arrow batch handed to the model in a Spark task (spark.sql.execution.arrow.maxRecordsPerBatch).
+    batch_size: int = 16384
+    # Torch threads per Spark Python worker; 0 = spark.task.cpus (one per concurrently running task).
+    torch_threads: int = 0
+    # method=grid: about this many items per tile (one KD-tree per tile and pass).
+    tile_items: int = 50000
+    # method=lsh: hash tables, and items per bucket (hyperplanes per table = log2(items / this)).
+    lsh_tables: int = 8
+    lsh_bucket_items: int = 2000
+    # Query items sampled to measure an approximate method's recall against exact (0 = skip).
+    recall_sample: int = 1000
+    # Maps (PNG + HTML) are drawn from a seeded sample of at most this many items (0 = no maps).
+    map_max_points: int = 50000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"infer.k: must be >= 1, got {self.k}")
+        if self.layer != -1 and self.layer < 1:
+            raise ValueError(f"infer.layer: must be -1 (the code) or a layer number >= 1, got {self.layer}")
+        for key in ("exact_max_items", "batch_size", "tile_items", "lsh_tables", "lsh_bucket_items"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"infer.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("torch_threads", "recall_sample", "map_max_points"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"infer.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -310,7 +424,7 @@ def _parse_scalar(raw: str) -> Any:
     # YAML gives lists ([1,2]), numbers and booleans the same syntax as in the files.
     try:
         return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a date-like value YAML cannot build (2024-13-01)
         return raw
 
 

@@ -36,6 +36,7 @@ CODES = T.StructType(
         T.StructField("y", T.FloatType(), True),
         T.StructField("model_uri", T.StringType(), False),
         T.StructField("run_id", T.StringType(), True),
+        T.StructField("model_version", T.StringType(), True),
         T.StructField("scored_at", T.TimestampType(), False),
     ]
 )

@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Spark's Python workers must run the interpreter that runs the tests (with the pinned packages).
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+# Tests talk to loopback only, whatever the hostname resolves to.
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+JDBC_JAR = "/usr/share/java/postgresql.jar"
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +36,10 @@ def spark(tmp_path_factory):
         .config("spark.sql.warehouse.dir", str(warehouse))
         .config("spark.ui.enabled", "false")
         .config("spark.driver.memory", "2g")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        # The JDBC source's tests need the driver before the JVM starts (scripts/setup_system.sh installs it).
+        .config("spark.jars", JDBC_JAR if os.path.isfile(JDBC_JAR) else "")
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

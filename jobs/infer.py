@@ -1,0 +1,91 @@
+"""Inference job: score features/ with a tracked model, publish codes/ and neighbors/, draw the maps.
+
+    sae infer --config conf/local.yaml infer.model_uri=models:/sae@champion infer.k=20
+    spark-submit jobs/infer.py --config conf/local.yaml infer.metric=cosine infer.layer=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
+from pipelines.config import Config
+from pipelines.publish import is_local, local_path
+
+DESCRIPTION = (
+    "Score every item with a tracked model (default: models:/<registered>@champion, else the latest "
+    "run), publish codes/ and neighbors/ under paths.root, and write the PNG and HTML maps."
+)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """mlflow.tracking_uri, or the pipeline's own sqlite store under paths.root."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if not is_local(cfg.paths.root):
+        raise SystemExit("mlflow.tracking_uri must be set when paths.root is not a local directory")
+    root = local_path(cfg.paths.root)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def run(cfg: Config, model_uri: str | None = None) -> dict:
+    """Infer with ``model_uri`` (else ``infer.model_uri``, else the default model); returns the summary."""
+    import mlflow
+
+    from pipelines.inference import predict_batch
+    from pipelines.scoring import resolve_model
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    record_config(cfg, "infer")
+    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp, spark_session(cfg) as spark:
+        # On one machine the artefacts are downloaded once and every worker loads them from disk.
+        local = spark.sparkContext.master.startswith("local")
+        model = resolve_model(
+            model_uri or cfg.infer.model_uri,
+            registered_model=cfg.mlflow.registered_model,
+            experiment=cfg.mlflow.experiment,
+            download_to=tmp if local else None,
+        )
+        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer)
+    summary["tracking_uri"] = mlflow.get_tracking_uri()
+    log.info(
+        "infer done: %s items scored with %s; neighbours by %s%s -> %s",
+        summary["items"], summary["model_uri"], summary["method"],
+        f" (recall {summary['recall']})" if "recall" in summary else "", cfg.paths.root,
+    )
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"codes:      {summary['codes']}  ({summary['items']:,} items, code width {summary['code_width']})")
+    rec = f", recall@k against exact {summary['recall']:.4f}" if "recall" in summary else ""
+    print(f"neighbours: {summary['neighbors']}  (method {summary['method']}{rec})")
+    for path in summary.get("maps", []):
+        print(f"map:        {path}")
+    print(f"model:      {summary['model_uri']} (run {summary['run_id']}, version {summary['model_version']})")
+    uri = summary.get("tracking_uri", "")
+    print(f"MLflow:     {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"            open the UI with: mlflow ui --backend-store-uri {uri}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = new_parser("sae infer", DESCRIPTION)
+    return command(parser.parse_args(argv))
+
+
+def command(args: argparse.Namespace) -> int:
+    setup_logging()
+    cfg = resolve(args)
+    summary = run(cfg)
+    print_summary(summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "maps"}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

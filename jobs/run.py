@@ -1,0 +1,46 @@
+"""The whole pipeline in one command: ingest -> train -> infer.
+
+    sae run --config conf/local.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.common import log, new_parser, resolve, setup_logging, spark_session
+from pipelines.config import Config
+
+DESCRIPTION = "Run ingest, training and inference in turn; print where the tables, maps and MLflow store are."
+
+
+def run(cfg: Config) -> dict:
+    from jobs import infer, ingest, train
+
+    # One SparkSession for the ingest and inference stages (training itself needs none locally).
+    with spark_session(cfg):
+        manifest = ingest.run(cfg)
+        log.info("ingest: %s items", manifest.get("items_out"))
+        trained = train.run(cfg)
+        log.info(
+            "train: model %s (run %s, version %s)", trained["model_uri"], trained.get("run_id"), trained.get("model_version")
+        )
+        # Infer with exactly the model this run trained, not whatever the alias points at.
+        return infer.run(cfg, model_uri=trained["model_uri"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command(new_parser("sae run", DESCRIPTION).parse_args(argv))
+
+
+def command(args: argparse.Namespace) -> int:
+    from jobs.infer import print_summary
+
+    setup_logging()
+    summary = run(resolve(args))
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

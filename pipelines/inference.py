@@ -1,0 +1,127 @@
+"""Batch inference: score ``features/`` with a tracked model, publish ``codes/`` and ``neighbors/``, draw maps.
+
+``predict_batch(spark, model, root, infer)`` is the one call a job makes. Both tables are written
+aside and swapped in together (``pipelines.publish``), so readers never see codes from one model
+and neighbours from another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.config import InferConfig
+from pipelines.maps import write_maps
+from pipelines.neighbors import recall_at_k, top_k_neighbors
+from pipelines.publish import is_local, local_path, publishing, table_path
+from pipelines.schemas import CODES, FEATURES, NEIGHBORS, check_columns, conform
+from pipelines.scoring import ResolvedModel, score
+
+log = logging.getLogger(__name__)
+
+
+def codes_table(
+    spark: SparkSession, features: DataFrame, model: ResolvedModel, infer: InferConfig, scored_at: datetime
+) -> DataFrame:
+    """The CODES table: item_id, code, x/y for 2-D codes, model provenance and scoring time."""
+    scored = score(spark, features, model, layer=-1, batch_rows=infer.batch_size, threads=infer.torch_threads)
+    two_d = F.size("code") == 2
+    return conform(
+        scored.select(
+            "item_id",
+            "code",
+            F.when(two_d, F.col("code")[0]).alias("x"),
+            F.when(two_d, F.col("code")[1]).alias("y"),
+            F.lit(model.uri).alias("model_uri"),
+            F.lit(model.run_id).cast("string").alias("run_id"),
+            F.lit(model.version).cast("string").alias("model_version"),
+            F.lit(scored_at).alias("scored_at"),
+        ),
+        CODES,
+    )
+
+
+def predict_batch(
+    spark: SparkSession,
+    model: ResolvedModel,
+    root: str,
+    infer: InferConfig,
+    log_maps: bool = True,
+) -> dict[str, Any]:
+    """Score every item under ``root``/features, publish codes/ and neighbors/, write and log maps.
+
+    Returns a summary: table paths, row count, neighbour method, recall (approximate methods, or
+    measured anyway for ``grid``), map paths and timings.
+    """
+    t0 = time.perf_counter()
+    features = spark.read.parquet(table_path(root, "features"))
+    check_columns(features, FEATURES, "features")
+    scored_at = datetime.now(UTC).replace(microsecond=0)
+    summary: dict[str, Any] = {"model_uri": model.uri, "run_id": model.run_id, "model_version": model.version}
+    with publishing(root, ["codes", "neighbors"], spark) as pub:
+        codes_path = pub.staging("codes")
+        codes_table(spark, features, model, infer, scored_at).write.parquet(codes_path)
+        codes = spark.read.parquet(codes_path)
+        summary["items"] = codes.count()
+        summary["code_width"] = len(codes.select("code").first()[0]) if summary["items"] else 0
+        summary["scoring_s"] = round(time.perf_counter() - t0, 2)
+        if infer.layer == -1:
+            vectors = codes.select("item_id", "code")
+        else:  # an intermediate layer: scored again, used for similarity only, not published
+            vectors = score(spark, features, model, layer=infer.layer, batch_rows=infer.batch_size, threads=infer.torch_threads)
+        t1 = time.perf_counter()
+        nb, method = top_k_neighbors(
+            spark,
+            vectors,
+            k=infer.k,
+            metric=infer.metric,
+            method=infer.method,
+            exact_max_items=infer.exact_max_items,
+            tile_items=infer.tile_items,
+            lsh_tables=infer.lsh_tables,
+            lsh_bucket_items=infer.lsh_bucket_items,
+            seed=infer.seed,
+        )
+        nb_path = pub.staging("neighbors")
+        conform(nb, NEIGHBORS).write.parquet(nb_path)
+        summary["neighbors_s"] = round(time.perf_counter() - t1, 2)
+        summary["method"] = method
+        if method != "exact" and infer.recall_sample:
+            rec = recall_at_k(spark, vectors, spark.read.parquet(nb_path), infer.k, infer.metric, infer.recall_sample, infer.seed)
+            summary["recall"] = round(rec, 4)
+            log.info("neighbours (%s) recall@%d against exact on %d sampled items: %.4f", method, infer.k, infer.recall_sample, rec)
+    summary["codes"] = table_path(root, "codes")
+    summary["neighbors"] = table_path(root, "neighbors")
+    if infer.map_max_points:
+        summary["maps"] = [str(p) for p in draw_maps(spark, root, model, infer, log_maps)]
+    summary["total_s"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def draw_maps(spark: SparkSession, root: str, model: ResolvedModel, infer: InferConfig, log_to_run: bool = True) -> list[Path]:
+    """Maps of the published codes under ``root``/maps (local roots), logged to the model's training run."""
+    import tempfile
+
+    codes = spark.read.parquet(table_path(root, "codes"))
+    try:
+        items = spark.read.parquet(table_path(root, "items"))
+    except Exception:  # noqa: BLE001 - items/ is optional: maps are then uncoloured
+        log.warning("no items/ table under %s: maps without titles or colours", root)
+        items = None
+    out_dir = local_path(root) / "maps" if is_local(root) else Path(tempfile.mkdtemp(prefix="sae-maps-"))
+    title = f"sae map - {model.uri}" + (f" (version {model.version})" if model.version else "")
+    paths = write_maps(codes, items, out_dir, title=title, max_points=infer.map_max_points, seed=infer.seed)
+    if log_to_run and model.run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        for p in paths:
+            client.log_artifact(model.run_id, str(p), artifact_path="maps")
+        log.info("maps logged to run %s under maps/", model.run_id)
+    return paths

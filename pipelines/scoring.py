@@ -1,0 +1,201 @@
+"""Batch scoring in Spark: ``features/`` rows -> model codes (or a hidden layer's activations).
+
+The features column reaches each Python worker as Arrow record batches (``mapInArrow``); the
+fixed-width list values are viewed as one ``(n, d)`` float32 matrix without building Python
+objects, encoded in one call, and written back as an Arrow list column. The model is loaded once
+per Python worker process (Spark reuses workers) and kept for later batches and tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_ROWS = 16384
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference pinned on the driver: what executors load and what the tables record."""
+
+    uri: str  # concrete: runs:/ID/..., models:/NAME/VERSION or models:/m-...
+    run_id: str | None
+    version: str | None
+    local_dir: str | None = None  # artefacts downloaded once on the driver (local masters only)
+
+    @property
+    def load_uri(self) -> str:
+        return self.local_dir or self.uri
+
+
+def resolve_model(
+    model_uri: str = "",
+    registered_model: str = "sae",
+    experiment: str = "sae",
+    download_to: str | None = None,
+) -> ResolvedModel:
+    """Pin ``model_uri`` to a concrete model: ``models:/NAME@ALIAS`` becomes ``models:/NAME/VERSION``.
+
+    Empty ``model_uri``: the registered model's ``champion`` alias, else the newest model logged in
+    ``experiment``. With ``download_to`` the artefacts are downloaded there once, so executors on
+    this machine load from disk instead of each asking the tracking server.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    run_id: str | None = None
+    version: str | None = None
+    uri = model_uri
+    if not uri:
+        try:
+            mv = client.get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
+            uri, run_id, version = f"models:/{registered_model}/{mv.version}", mv.run_id, str(mv.version)
+        except MlflowException:
+            exp = client.get_experiment_by_name(experiment)
+            models = (
+                client.search_logged_models(
+                    experiment_ids=[exp.experiment_id],
+                    order_by=[{"field_name": "creation_time", "ascending": False}],
+                    max_results=1,
+                )
+                if exp is not None
+                else []
+            )
+            if not models:
+                raise ValueError(
+                    f"no model to score with: registered model {registered_model!r} has no "
+                    f"@{CHAMPION_ALIAS} alias and experiment {experiment!r} has no logged model; "
+                    "train one (`sae train`) or set infer.model_uri=runs:/RUN_ID/model"
+                ) from None
+            uri, run_id = f"models:/{models[0].model_id}", models[0].source_run_id
+    elif uri.startswith("models:/"):
+        name, _, ref = uri[len("models:/") :].partition("@")
+        if ref:  # alias -> the version it points at now, so a concurrent re-alias can't mix models
+            mv = client.get_model_version_by_alias(name, ref)
+            uri, run_id, version = f"models:/{name}/{mv.version}", mv.run_id, str(mv.version)
+        elif "/" in name and name.rsplit("/", 1)[1].isdigit():
+            mname, ver = name.rsplit("/", 1)
+            mv = client.get_model_version(mname, ver)
+            run_id, version = mv.run_id, str(mv.version)
+        else:
+            run_id = client.get_logged_model(name).source_run_id
+    elif uri.startswith("runs:/"):
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
+    local_dir = None
+    if download_to:
+        local_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_to)
+        local_dir = str(_saved_model_dir(Path(local_dir)))
+    log.info("model %s -> %s (run %s, version %s)", model_uri or "(default)", uri, run_id, version)
+    return ResolvedModel(uri=uri, run_id=run_id, version=version, local_dir=local_dir)
+
+
+def _saved_model_dir(root: Path) -> Path:
+    from sae_model.loading import SPEC_FILE
+
+    found = sorted(p.parent for p in root.rglob(SPEC_FILE))
+    if not found:
+        raise FileNotFoundError(f"{root}: no saved autoencoder ({SPEC_FILE}) among the model's artefacts")
+    return found[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(load_uri: str, tracking_uri: str, threads: int):  # noqa: ANN202 - sae_model.loading.Encoder
+    """One Encoder per (model, worker process): Spark reuses Python workers across tasks."""
+    import torch
+
+    from sae_model.loading import load_encoder
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if tracking_uri and not Path(load_uri).is_dir():
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    log.info("worker %d loading model %s", os.getpid(), load_uri)
+    return load_encoder(load_uri)
+
+
+def worker_threads(spark: SparkSession) -> int:
+    """Torch threads per Python worker so that concurrent tasks together fill, not oversubscribe, the cores."""
+    conf = spark.sparkContext.getConf()
+    task_cpus = int(conf.get("spark.task.cpus", "1"))
+    return max(1, task_cpus)
+
+
+def score(
+    spark: SparkSession,
+    features: DataFrame,
+    model: ResolvedModel | str,
+    layer: int = -1,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    threads: int = 0,
+) -> DataFrame:
+    """``features`` (item_id, features) -> (item_id long, code array<float>) with the model's ``layer``.
+
+    ``batch_rows`` sets ``spark.sql.execution.arrow.maxRecordsPerBatch`` for the session: large
+    batches amortise the per-batch overhead of encoding. ``threads``: torch threads per worker
+    (0 = ``spark.task.cpus``, i.e. one per concurrently running task).
+    """
+    import mlflow
+
+    if isinstance(model, str):
+        model = ResolvedModel(uri=model, run_id=None, version=None)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(int(batch_rows)))
+    load_uri = model.load_uri
+    tracking_uri = mlflow.get_tracking_uri()
+    nthreads = threads or worker_threads(spark)
+    out_schema = T.StructType(
+        [
+            T.StructField("item_id", T.LongType(), False),
+            T.StructField("code", T.ArrayType(T.FloatType(), False), False),
+        ]
+    )
+    arrow_out = pa.schema([pa.field("item_id", pa.int64(), False), pa.field("code", pa.list_(pa.float32()), False)])
+
+    def encode_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        enc = _encoder(load_uri, tracking_uri, nthreads)
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            x = matrix(batch.column("features"), enc.input_width)
+            codes = enc.encode(x, layer=layer)
+            yield pa.RecordBatch.from_arrays([batch.column("item_id"), list_column(codes)], schema=arrow_out)
+
+    return features.select("item_id", "features").mapInArrow(encode_batches, out_schema)
+
+
+def matrix(column: pa.Array, width: int) -> np.ndarray:
+    """A fixed-width Arrow list<float> column as an ``(n, width)`` float32 matrix, copying at most once."""
+    n = len(column)
+    values = column.flatten()  # respects slicing offsets, unlike .values
+    if len(values) != n * width or column.null_count:
+        lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+        bad = int(np.flatnonzero(lengths != width)[0]) if (lengths != width).any() else -1
+        raise ValueError(
+            f"features: every vector must have {width} values; row {bad} has "
+            f"{lengths[bad] if bad >= 0 else 'null'} (re-run ingest or check the model's input width)"
+        )
+    arr = values.to_numpy(zero_copy_only=False)
+    return np.asarray(arr, dtype=np.float32).reshape(n, width)
+
+
+def list_column(x: np.ndarray) -> pa.ListArray:
+    """An ``(n, w)`` float32 matrix as an Arrow list<float> column (no per-row objects)."""
+    n, w = x.shape
+    offsets = pa.array(np.arange(0, (n + 1) * w, w, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1)))

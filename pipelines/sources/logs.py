@@ -1,0 +1,529 @@
+"""Activity logs (MovieLens ``tags.csv`` / ``ratings.csv``) -> item (or user) vectors, incrementally.
+
+Input layouts under ``data.input``: a flat ``tags.csv`` (``ratings.csv``), or daily partitions
+``tags/date=YYYY-MM-DD/*.csv`` (``ratings/date=.../*.csv``); ``movies.csv`` beside them gives titles
+and genres, and makes an unknown movieId a quarantine reason.
+
+Incremental loads: the counts (tags) or latest ratings (ratings) of every earlier load live in the
+``state`` table under ``paths.root``, published with the features in one atomic publication. A run
+reads only what is new -- partitions not yet recorded in the state (and not before ``data.since``),
+or, for a flat file, records after the state's watermark (and not before ``data.since``) -- merges
+them into the state and rebuilds the vectors from the merged state. Loading the same day twice reads
+nothing new, so nothing changes.
+
+Counting: ``rows_in`` is the records of *this* load; each is used (its item got a vector) or
+quarantined with a reason. Valid records of an item left without a vector (no tag in the vocabulary,
+no rating in the chosen columns) are quarantined with that reason but still kept in the state, since
+later loads may give the item a vector.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import unicodedata
+from pathlib import Path
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.publish import is_local, local_path, table_path
+from pipelines.sources import InputError, SourceResult, register
+from pipelines.sources.csvfiles import CORRUPT, check_header
+from pipelines.sources.tag_genome import MOVIES_HEADER, MOVIES_NAMES, movie_items
+
+log = logging.getLogger(__name__)
+
+TAGS_HEADER = ("userId", "movieId", "tag", "timestamp")
+RATINGS_HEADER = ("userId", "movieId", "rating", "timestamp")
+PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+STATE_TABLE = "state"
+
+# Quarantine reasons (stable strings: tests and dashboards group by them).
+MALFORMED = "malformed line (wrong number of fields)"
+BAD_ID = "non-integer userId or movieId"
+BAD_TIMESTAMP = "unparseable timestamp"
+EMPTY_TAG = "empty tag"
+BAD_RATING = "rating not in 0.5..5.0 in steps of 0.5"
+UNKNOWN_MOVIE = "unknown movieId (not in movies.csv)"
+DUPLICATE = "duplicate event"
+NO_VOCAB = "movie has no tag in the vocabulary"
+NO_COLUMNS = "no rating in the vector's columns"
+
+# One schema for the state of both log sources; `kind` says which columns a row uses:
+#   count  (tags):    item_id, tag, n = applications, ts = latest
+#   rating (ratings): item_id, user_id, rating, ts (the latest rating of the pair)
+#   load   (both):    load = partition or file loaded, n = records read, ts = max timestamp (watermark)
+STATE = T.StructType(
+    [
+        T.StructField("source", T.StringType(), False),
+        T.StructField("kind", T.StringType(), False),
+        T.StructField("item_id", T.LongType(), True),
+        T.StructField("user_id", T.LongType(), True),
+        T.StructField("tag", T.StringType(), True),
+        T.StructField("n", T.LongType(), True),
+        T.StructField("rating", T.FloatType(), True),
+        T.StructField("ts", T.LongType(), True),
+        T.StructField("load", T.StringType(), True),
+    ]
+)
+
+
+# ---------------------------------------------------------------- finding the input
+
+
+def find_loads(input_dir: str, stem: str, since: str = "") -> list[tuple[str, list[str]]]:
+    """(load key, files) of the input, oldest first: one per ``<stem>/date=D/`` partition from
+    ``since`` on, else the flat ``<stem>.csv`` as one load keyed by its name."""
+    if not is_local(input_dir):
+        return [(f"{stem}.csv", [f"{input_dir.rstrip('/')}/{stem}.csv"])]
+    base = local_path(input_dir)
+    if not base.is_dir():
+        raise InputError(f"{base}: input directory does not exist (data.input); expected {stem}.csv or {stem}/date=*/")
+    parts = base / stem
+    if parts.is_dir():
+        loads = []
+        for d in sorted(parts.iterdir()):
+            m = PARTITION.match(d.name)
+            if not d.is_dir() or not m:
+                continue
+            if since and m.group(1) < since:
+                continue
+            files = sorted(str(f) for f in d.iterdir() if f.is_file() and f.name.endswith((".csv", ".csv.gz")))
+            if files:
+                loads.append((d.name, files))
+        if not loads and not since and not any(PARTITION.match(d.name) for d in parts.iterdir()):
+            raise InputError(f"{parts}: no date=YYYY-MM-DD/ partitions with .csv files")
+        return loads
+    flat = base / f"{stem}.csv"
+    if not flat.is_file():
+        raise InputError(f"{base}: no {stem}.csv and no {stem}/date=YYYY-MM-DD/ partitions (data.input)")
+    return [(flat.name, [str(flat)])]
+
+
+def movies_file(input_dir: str) -> str | None:
+    if not is_local(input_dir):
+        return None
+    base = local_path(input_dir)
+    found = [base / n for n in MOVIES_NAMES if (base / n).is_file()]
+    return str(found[0]) if found else None
+
+
+def check_logs(cfg, stem: str, header: tuple[str, ...]) -> None:
+    for _, files in find_loads(cfg.data.input, stem, cfg.data.since):
+        for f in files:
+            if not f.endswith(".gz"):
+                check_header(f, header)
+    movies = movies_file(cfg.data.input)
+    if movies:
+        check_header(movies, MOVIES_HEADER)
+
+
+def since_epoch(since: str) -> int | None:
+    if not since:
+        return None
+    return int(dt.datetime.combine(dt.date.fromisoformat(since), dt.time(), dt.UTC).timestamp())
+
+
+# ---------------------------------------------------------------- reading (edges)
+
+
+def read_lines(spark: SparkSession, loads: list[tuple[str, list[str]]], header: tuple[str, ...]) -> DataFrame:
+    """Every field a string, plus _corrupt_record, source_file and load (the load key)."""
+    schema = T.StructType(
+        [T.StructField(c, T.StringType(), True) for c in header] + [T.StructField(CORRUPT, T.StringType(), True)]
+    )
+    frames = []
+    for key, files in loads:
+        df = (
+            spark.read.schema(schema)
+            .option("header", True)
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .option("quote", '"')
+            .option("escape", '"')
+            .csv(files)
+        )
+        frames.append(df.withColumn("source_file", F.input_file_name()).withColumn("load", F.lit(key)))
+    if not frames:
+        extra = T.StructType([T.StructField("source_file", T.StringType()), T.StructField("load", T.StringType())])
+        return spark.createDataFrame([], T.StructType(schema.fields + extra.fields))
+    out = frames[0]
+    for df in frames[1:]:
+        out = out.unionByName(df)
+    return out
+
+
+def read_state(spark: SparkSession, root: str, source: str) -> DataFrame | None:
+    """The state of earlier loads, or None if there is none yet."""
+    path = table_path(root, STATE_TABLE)
+    if is_local(root):
+        if not Path(path).exists():
+            return None
+    else:
+        jvm = spark._jvm
+        hpath = jvm.org.apache.hadoop.fs.Path(path)
+        if not hpath.getFileSystem(spark._jsc.hadoopConfiguration()).exists(hpath):
+            return None
+    state = spark.read.schema(STATE).parquet(path)
+    other = [r["source"] for r in state.select("source").distinct().collect() if r["source"] != source]
+    if other:
+        raise InputError(
+            f"{path}: state of source {other[0]!r}, not {source!r}; use another paths.root or data.logs.incremental=false"
+        )
+    return state
+
+
+def loaded(state: DataFrame | None) -> tuple[set[str], int | None]:
+    """Load keys already in the state, and the watermark (max timestamp loaded)."""
+    if state is None:
+        return set(), None
+    rows = state.filter(F.col("kind") == "load").select("load", "ts").collect()
+    marks = [r["ts"] for r in rows if r["ts"] is not None]
+    return {r["load"] for r in rows}, (max(marks) if marks else None)
+
+
+# ---------------------------------------------------------------- pure transforms
+
+
+@F.pandas_udf(T.StringType())
+def normalise_tag(tags: pd.Series) -> pd.Series:
+    """Unicode NFKC, lower case, runs of whitespace (any Unicode space) to one blank, trimmed."""
+    return tags.map(lambda t: None if t is None else " ".join(unicodedata.normalize("NFKC", t).lower().split()))
+
+
+def _timestamp(col: str) -> F.Column:
+    # MovieLens writes epoch seconds; ISO date-times are accepted too. try_*: bad values are null, not errors.
+    return F.coalesce(
+        F.expr(f"try_cast(trim(`{col}`) as long)"), F.unix_seconds(F.try_to_timestamp(F.trim(F.col(col))))
+    )
+
+
+def parse_events(lines: DataFrame, value: str, movie_ids: DataFrame | None = None) -> DataFrame:
+    """Raw lines -> user_id, item_id, value (normalised tag or rating), ts, source_file, load, raw, reason
+    (null = valid). ``value`` is ``tag`` or ``rating``; ``movie_ids`` (item_id) makes unknown movies a
+    reason. Duplicate events (same user, movie, value, timestamp) keep one and quarantine the others."""
+    if value == "tag":
+        val = normalise_tag(F.col("tag"))
+        bad_val = F.when(F.col("value").isNull() | (F.col("value") == ""), F.lit(EMPTY_TAG))
+    else:
+        val = F.expr("try_cast(trim(rating) as double)")
+        ok = (F.col("value") >= 0.5) & (F.col("value") <= 5.0) & ((F.col("value") * 2) == F.round(F.col("value") * 2))
+        bad_val = F.when(F.col("value").isNull() | ~ok, F.lit(BAD_RATING))
+    raw_cols = ["userId", "movieId", value, "timestamp"]
+    parsed = lines.select(
+        F.expr("try_cast(trim(userId) as long)").alias("user_id"),
+        F.expr("try_cast(trim(movieId) as long)").alias("item_id"),
+        val.alias("value"),
+        _timestamp("timestamp").alias("ts"),
+        "source_file",
+        "load",
+        F.coalesce(F.col(CORRUPT), F.concat_ws(",", *raw_cols)).alias("raw"),
+        (F.col(CORRUPT).isNotNull() | F.col("timestamp").isNull()).alias("corrupt"),
+    )
+    if movie_ids is not None:
+        known = movie_ids.select("item_id", F.lit(True).alias("known")).dropDuplicates(["item_id"])
+        parsed = parsed.join(F.broadcast(known), "item_id", "left")
+    else:
+        parsed = parsed.withColumn("known", F.lit(True))
+    reason = (
+        F.when(F.col("corrupt"), F.lit(MALFORMED))
+        .when(F.col("user_id").isNull() | F.col("item_id").isNull(), F.lit(BAD_ID))
+        .when(F.col("ts").isNull(), F.lit(BAD_TIMESTAMP))
+        .otherwise(bad_val)
+    )
+    reason = F.coalesce(reason, F.when(F.col("known").isNull(), F.lit(UNKNOWN_MOVIE)))
+    classified = parsed.withColumn("reason", reason)
+    key = ["user_id", "item_id", "value", "ts"]
+    nth = F.row_number().over(Window.partitionBy(*key).orderBy("source_file", "raw"))
+    return classified.withColumn(
+        "reason", F.when(F.col("reason").isNull() & (nth > 1), F.lit(DUPLICATE)).otherwise(F.col("reason"))
+    ).select("user_id", "item_id", "value", "ts", "source_file", "load", "raw", "reason")
+
+
+def after(events: DataFrame, since: int | None, watermark: int | None) -> DataFrame:
+    """Records not loaded yet: at or after ``since`` and after the watermark. Lines without a
+    timestamp stay (they are quarantined)."""
+    keep = F.lit(True)
+    if since is not None:
+        keep = keep & (F.col("ts") >= since)
+    if watermark is not None:
+        keep = keep & (F.col("ts") > watermark)
+    return events.filter(F.col("ts").isNull() | keep)
+
+
+def load_rows(events: DataFrame, source: str) -> DataFrame:
+    """One state row per load of this run: records read, max timestamp."""
+    agg = events.groupBy("load").agg(F.count("*").alias("n"), F.max("ts").alias("ts"))
+    return _state(agg, source, "load")
+
+
+def _state(df: DataFrame, source: str, kind: str) -> DataFrame:
+    cols = []
+    for f in STATE.fields:
+        if f.name == "source":
+            cols.append(F.lit(source).alias("source"))
+        elif f.name == "kind":
+            cols.append(F.lit(kind).alias("kind"))
+        elif f.name in df.columns:
+            cols.append(F.col(f.name).cast(f.dataType).alias(f.name))
+        else:
+            cols.append(F.lit(None).cast(f.dataType).alias(f.name))
+    return df.select(cols)
+
+
+def merge_tag_counts(state: DataFrame | None, good: DataFrame) -> DataFrame:
+    """Counts per (item_id, tag) of earlier loads plus those of the valid new records."""
+    new = good.groupBy("item_id", F.col("value").alias("tag")).agg(F.count("*").alias("n"), F.max("ts").alias("ts"))
+    if state is not None:
+        new = new.unionByName(state.filter(F.col("kind") == "count").select("item_id", "tag", "n", "ts"))
+    return new.groupBy("item_id", "tag").agg(F.sum("n").alias("n"), F.max("ts").alias("ts"))
+
+
+def vocabulary(counts: DataFrame, size: int, min_support: int) -> list[tuple[str, int, int]]:
+    """(tag, applications, movies) of the ``size`` most used tags with >= min_support applications,
+    by applications desc, then tag: the feature order."""
+    rows = (
+        counts.groupBy("tag")
+        .agg(F.sum("n").alias("total"), F.count("*").alias("df"))
+        .filter(F.col("total") >= min_support)
+        .orderBy(F.desc("total"), F.asc("tag"))
+        .limit(size)
+        .collect()
+    )
+    return [(r["tag"], int(r["total"]), int(r["df"])) for r in rows]
+
+
+def _dense(pairs: DataFrame, entity: str, dim: int) -> DataFrame:
+    """(entity, idx, v) -> entity, vector (array<double> of width dim, 0 where no pair)."""
+    per = pairs.groupBy(entity).agg(F.map_from_entries(F.collect_list(F.struct("idx", "v"))).alias("m"))
+    vec = F.transform(F.sequence(F.lit(0), F.lit(dim - 1)), lambda i: F.coalesce(F.col("m")[i], F.lit(0.0)))
+    return per.select(entity, vec.alias("vec"))
+
+
+def tag_vectors(spark: SparkSession, counts: DataFrame, vocab: list[tuple[str, int, int]], weighting: str) -> DataFrame:
+    """item_id, features array<float>: one vector per movie with a vocabulary tag."""
+    dim = len(vocab)
+    index = spark.createDataFrame([(t, i) for i, (t, _, _) in enumerate(vocab)], "tag string, idx int")
+    pairs = counts.join(F.broadcast(index), "tag").select("item_id", "idx", F.col("n").cast("double").alias("v"))
+    dense = _dense(pairs, "item_id", dim)
+    v = F.col("vec")
+    if weighting == "relevance":
+        top = F.array_max(v)
+        v = F.transform(v, lambda x: x / top)
+    elif weighting == "tfidf":
+        movies = pairs.select("item_id").distinct().count()
+        idf = F.array(*[F.lit(float(_idf(movies, df))) for _, _, df in vocab])
+        total = F.aggregate(v, F.lit(0.0), lambda acc, x: acc + x)
+        v = F.transform(v, lambda x, i: x / total * idf[i])
+    return dense.select("item_id", F.transform(v, lambda x: x.cast("float")).alias("features"))
+
+
+def _idf(n_items: int, df: int) -> float:
+    import math
+
+    return math.log((1 + n_items) / (1 + df)) + 1.0  # smoothed, as scikit-learn's TfidfTransformer
+
+
+def merge_ratings(state: DataFrame | None, good: DataFrame) -> DataFrame:
+    """The latest rating per (user_id, item_id) over earlier loads and the valid new records."""
+    new = good.select("user_id", "item_id", F.col("value").cast("float").alias("rating"), "ts")
+    if state is not None:
+        new = new.unionByName(state.filter(F.col("kind") == "rating").select("user_id", "item_id", "rating", "ts"))
+    latest = F.row_number().over(Window.partitionBy("user_id", "item_id").orderBy(F.desc("ts"), F.desc("rating")))
+    return new.withColumn("_k", latest).filter("_k = 1").drop("_k")
+
+
+def rating_vectors(ratings: DataFrame, entity: str, width: int, columns: str) -> tuple[DataFrame, list[str]]:
+    """Ratings centred on each user's mean -> (entity_id as item_id, features) and feature names.
+    entity=item: a movie's vector over users; entity=user: a user's vector over movies. Columns are the
+    ``width`` keys with most ratings (then smallest id), or ``width`` hash buckets (values summed)."""
+    ent, key = ("item_id", "user_id") if entity == "item" else ("user_id", "item_id")
+    prefix = "user" if entity == "item" else "item"
+    mean = ratings.groupBy("user_id").agg(F.avg("rating").alias("mu"))
+    centred = ratings.join(mean, "user_id").select(ent, key, (F.col("rating") - F.col("mu")).alias("v"))
+    if columns == "top":
+        top = centred.groupBy(key).count().orderBy(F.desc("count"), F.asc(key)).limit(width).collect()
+        keys = [int(r[key]) for r in top]
+        index = centred.sparkSession.createDataFrame([(k, i) for i, k in enumerate(keys)], f"{key} long, idx int")
+        pairs = centred.join(F.broadcast(index), key).select(ent, "idx", "v")
+        names = [f"{prefix}_{k}" for k in keys]
+        dim = len(keys)
+    else:
+        pairs = centred.select(ent, F.pmod(F.xxhash64(key), F.lit(width)).cast("int").alias("idx"), "v")
+        pairs = pairs.groupBy(ent, "idx").agg(F.sum("v").alias("v"))
+        names = [f"{prefix}_hash_{i}" for i in range(width)]
+        dim = width
+    dense = _dense(pairs, ent, dim)
+    out = dense.select(F.col(ent).alias("item_id"), F.transform("vec", lambda x: x.cast("float")).alias("features"))
+    return out, names
+
+
+def unused_valid(events: DataFrame, with_vector: DataFrame, ent: str, reason: str) -> DataFrame:
+    """Valid events whose entity got no vector, as quarantine rows with ``reason``."""
+    has = with_vector.select(F.col("item_id").alias(ent), F.lit(True).alias("_has"))
+    return (
+        events.filter(F.col("reason").isNull())
+        .join(has, ent, "left")
+        .filter(F.col("_has").isNull())
+        .select("source_file", "raw", F.lit(reason).alias("reason"))
+    )
+
+
+def bad_events(events: DataFrame) -> DataFrame:
+    return events.filter(F.col("reason").isNotNull()).select("source_file", "raw", "reason")
+
+
+# ---------------------------------------------------------------- composition
+
+
+def _new_events(spark: SparkSession, cfg, stem: str, header: tuple[str, ...], value: str):
+    """(events of this run, old state or None, loads of this run, input files, movies lines or None)."""
+    source = cfg.data.source
+    state = read_state(spark, cfg.paths.root, source) if cfg.data.logs.incremental else None
+    done, watermark = loaded(state)
+    loads = find_loads(cfg.data.input, stem, cfg.data.since)
+    flat = len(loads) == 1 and not PARTITION.match(loads[0][0])
+    if flat:
+        # A flat file is re-read each day; the watermark skips what earlier loads took from it.
+        load_key = f"{loads[0][0]}@{cfg.data.since or 'all'}"
+        loads = [(load_key, loads[0][1])]
+    else:
+        skipped = [k for k, _ in loads if k in done]
+        if skipped:
+            log.info("%s: partitions already loaded, skipped: %s", stem, ", ".join(skipped))
+        loads = [(k, f) for k, f in loads if k not in done]
+        watermark = None
+    movies_path = movies_file(cfg.data.input)
+    movies_lines = None
+    if movies_path:
+        movies_lines = read_lines(spark, [("movies", [movies_path])], MOVIES_HEADER)
+    movie_ids = None
+    if movies_lines is not None:
+        movie_ids = movies_lines.select(F.expr("try_cast(trim(movieId) as long)").alias("item_id")).filter(
+            "item_id is not null"
+        )
+    lines = read_lines(spark, loads, header)
+    events = after(parse_events(lines, value, movie_ids), since_epoch(cfg.data.since), watermark if flat else None)
+    files = [f for _, fs in loads for f in fs] + ([movies_path] if movies_path else [])
+    return events, state, [k for k, _ in loads], files, movies_lines
+
+
+def tags_result(spark: SparkSession, cfg) -> SourceResult:
+    lc = cfg.data.logs
+    events, state, loads, files, movies_lines = _new_events(spark, cfg, "tags", TAGS_HEADER, "tag")
+    events = events.persist(StorageLevel.MEMORY_AND_DISK)
+    counts = merge_tag_counts(state, events.filter(F.col("reason").isNull())).persist(StorageLevel.MEMORY_AND_DISK)
+    vocab = vocabulary(counts, lc.vocab_size, lc.min_support)
+    if not vocab:
+        events.unpersist()
+        counts.unpersist()
+        raise InputError(
+            f"{cfg.data.input}: no tag has data.logs.min_support={lc.min_support} applications; nothing to build"
+        )
+    features = tag_vectors(spark, counts, vocab, lc.weighting).persist(StorageLevel.MEMORY_AND_DISK)
+    no_vocab = counts.select("item_id").distinct().join(features.select("item_id"), "item_id", "left_anti")
+    summary = no_vocab.agg(F.count("*").alias("n"), F.slice(F.sort_array(F.collect_list("item_id")), 1, 20)).first()
+    n_no_vocab, sample = int(summary[0]), list(summary[1] or [])
+    if n_no_vocab:
+        log.warning("tags: %d movies have no tag in the vocabulary and get no vector", n_no_vocab)
+    quarantine = bad_events(events).unionByName(unused_valid(events, features, "item_id", NO_VOCAB))
+    new_state = _state(counts, cfg.data.source, "count").unionByName(load_rows(events, cfg.data.source))
+    if state is not None:
+        new_state = new_state.unionByName(state.filter(F.col("kind") == "load"))
+    return _result(
+        features,
+        items=_items(movies_lines, features),
+        quarantine=quarantine,
+        names=[t for t, _, _ in vocab],
+        files=files,
+        events=events,
+        state=new_state,
+        extra={
+            "vocab_size": len(vocab),
+            "weighting": lc.weighting,
+            "since": cfg.data.since,
+            "loads": loads,
+            "items_without_vocab_tags": n_no_vocab,
+            "items_without_vocab_tags_sample": sample,
+        },
+        caches=[events, counts, features],
+    )
+
+
+def ratings_result(spark: SparkSession, cfg) -> SourceResult:
+    rc = cfg.data.ratings
+    events, state, loads, files, movies_lines = _new_events(spark, cfg, "ratings", RATINGS_HEADER, "rating")
+    events = events.persist(StorageLevel.MEMORY_AND_DISK)
+    ratings = merge_ratings(state, events.filter(F.col("reason").isNull())).persist(StorageLevel.MEMORY_AND_DISK)
+    features, names = rating_vectors(ratings, rc.entity, rc.width, rc.columns)
+    if not names:
+        events.unpersist()
+        ratings.unpersist()
+        raise InputError(f"{cfg.data.input}: no valid rating; nothing to build")
+    features = features.persist(StorageLevel.MEMORY_AND_DISK)
+    ent = "item_id" if rc.entity == "item" else "user_id"
+    quarantine = bad_events(events).unionByName(unused_valid(events, features, ent, NO_COLUMNS))
+    new_state = _state(ratings, cfg.data.source, "rating").unionByName(load_rows(events, cfg.data.source))
+    if state is not None:
+        new_state = new_state.unionByName(state.filter(F.col("kind") == "load"))
+    items = _items(movies_lines, features) if rc.entity == "item" else features.select("item_id")
+    return _result(
+        features,
+        items=items,
+        quarantine=quarantine,
+        names=names,
+        files=files,
+        events=events,
+        state=new_state,
+        extra={"entity": rc.entity, "columns": rc.columns, "since": cfg.data.since, "loads": loads},
+        caches=[events, ratings, features],
+    )
+
+
+def _items(movies_lines: DataFrame | None, features: DataFrame) -> DataFrame:
+    ids = features.select("item_id")
+    if movies_lines is None:
+        return ids
+    return movie_items(movies_lines, ids)
+
+
+def _result(features, items, quarantine, names, files, events, state, extra, caches) -> SourceResult:
+    def rows_used() -> int:
+        # Valid records of this load whose entity got a vector (the others are quarantined).
+        return events.filter(F.col("reason").isNull()).count() - quarantine.filter(
+            F.col("reason").isin(NO_VOCAB, NO_COLUMNS)
+        ).count()
+
+    def cleanup() -> None:
+        for df in caches:
+            df.unpersist()
+
+    return SourceResult(
+        features=features,
+        items=items,
+        quarantine=quarantine,
+        feature_names=names,
+        input_files=files,
+        rows_in=events.count,
+        rows_used=rows_used,
+        extra=extra,
+        extra_tables={STATE_TABLE: state},
+        cleanup=cleanup,
+    )
+
+
+def check_tags(cfg) -> None:
+    check_logs(cfg, "tags", TAGS_HEADER)
+
+
+def check_ratings(cfg) -> None:
+    check_logs(cfg, "ratings", RATINGS_HEADER)
+
+
+register("movielens_tags", check_tags, tags_result)
+register("movielens_ratings", check_ratings, ratings_result)
