@@ -1,5 +1,5 @@
-"""The real jobs on a real standalone cluster: ingest and 2-process training through spark-submit,
-checked against the same jobs run in local mode."""
+"""The real jobs on a real standalone cluster: ingest, 2-process training and inference through
+spark-submit, checked against the same jobs run in local mode."""
 
 from __future__ import annotations
 
@@ -87,3 +87,16 @@ def test_ingest_and_distributed_train_on_the_cluster_match_local_mode(spark_clus
         assert runs[0].data.params["train.distributed.num_processes"] == "2"
     finally:
         mlflow.set_tracking_uri("")
+
+    # Inference: the local model scores the cluster's features/ on the executors and the local ones here.
+    from jobs.infer import run as infer_job
+
+    infer_job(load_config(None, [*DATA, *TRAIN, f"paths.root={local}"]), model_uri=one["model_uri"])
+    submit(spark_cluster, "infer.py", [
+        *DATA, *TRAIN, f"paths.root={remote}", f"infer.model_uri={one['model_uri']}",
+        f"mlflow.tracking_uri=sqlite:///{local / 'mlflow.db'}",
+    ], tmp_path)
+    a, b = table(local, "codes"), table(remote, "codes")
+    assert a["item_id"] == b["item_id"] and len(a["item_id"]) == want["items_out"]
+    np.testing.assert_allclose(np.array(b["code"]), np.array(a["code"]), atol=1e-6)
+    assert pq.read_table(remote / "neighbors").num_rows == pq.read_table(local / "neighbors").num_rows
