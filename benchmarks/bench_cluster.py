@@ -11,17 +11,22 @@ is sampled every 0.2 s; the table shows wall time and the peak RSS (VmHWM) per p
 the driver JVM, the driver's Python, each executor JVM, the Python workers (largest one). In local
 mode the executors live in the driver JVM. Not a timed test; the machine is shared, so numbers vary.
 
-Measured 2026-11-28 on the shared 2-core dev VM (load average 16-22 from other engineers' jobs),
-20,000 items x 64 tags, driver 2g, executors 1g; peak RSS MiB (the driver JVM column of this run
-still counted spark-class's launcher JVM and bash wrappers, now filtered out: the first number is the
-driver JVM):
+Measured 2026-11-28 on the shared 2-core dev VM (other engineers' jobs running: load average 16-22
+during the first run, lower in the second), 20,000 items x 64 tags, driver 2g, executors 1g; peak
+RSS MiB per process:
+    run 1 (with infer; its driver column still counted spark-class's launcher JVM, now filtered out)
     master       job      wall s  driver JVM  driver py  executor JVMs     py worker (max)
     local[2]     ingest     84.9       639        120            -              60 (x3)
     local[2]     infer     139.7       627        472            -           1,013 (x3)
     cluster 2x1  ingest    106.8       436        120    436 / 358             60 (x4)
     cluster 2x1  infer     141.1       462        292    447 / 358 / 348    1,065 (x4)
-At this size start-up (JVMs, executors registering, Python workers importing torch) dominates; the
-1 M-item run (``--items 1000000``) did not fit the time on the shared VM and is still to be measured.
+    run 2 (--no-infer, quieter machine)
+    local[2]     ingest     22.8       782        120            -              60 (x3)
+    cluster 2x1  ingest     47.2  457 / 399       119    452 / 444             60 (x4)
+Two driver-side JVMs matched in the cluster run (not yet explained). At this size start-up (JVMs,
+executors registering, Python workers importing torch) dominates and the one-machine "cluster" is
+slower than local[2]; the 1 M-item run (``--items 1000000``) did not fit the time and is still to be
+measured.
 """
 
 from __future__ import annotations
