@@ -4,8 +4,10 @@
     sae train --config conf/local.yaml --resume          # continue after a crash or kill
     spark-submit jobs/train.py --config conf/local.yaml finetune.epochs=10
 
-Training needs no SparkSession in local mode; the job only composes the root config into the
-plain arguments of ``sae_model.trainer.train``.
+One process (``train.distributed.num_processes=1``) needs no SparkSession: the job only composes
+the root config into the plain arguments of ``sae_model.trainer.train``. More processes start a
+SparkSession and hand ``sae_model.distributed.train_worker`` to TorchDistributor
+(``pipelines.distributed``), on the driver (``local_mode``) or as barrier tasks on the executors.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging
+from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config, ConfigError
 from pipelines.publish import is_local, local_path, table_uri
 
@@ -46,6 +48,7 @@ def manifest_hash(features_uri: str) -> str:
 
 
 def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) -> dict:
+    from sae_model.distributed import result_summary
     from sae_model.tracking import git_commit
     from sae_model.trainer import MlflowSettings, TrainingError, train
 
@@ -66,21 +69,24 @@ def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) ->
         },
         config_text=cfg.to_yaml(),
     )
+    kwargs = dict(
+        model_cfg=cfg.model, pretrain_cfg=cfg.pretrain, finetune_cfg=cfg.finetune, train_cfg=cfg.train,
+        features_uri=features, items_uri=items, mlflow_settings=settings, checkpoint_dir=ckpt,
+        resume=resume, fingerprint=cfg.hash(),
+    )
+    dist_cfg = cfg.train.distributed
     try:
-        result = train(
-            cfg.model, cfg.pretrain, cfg.finetune, cfg.train, features, items, settings, ckpt,
-            resume=resume, fingerprint=cfg.hash(),
-        )
+        if dist_cfg.num_processes > 1:
+            from pipelines.distributed import run_distributed
+
+            with spark_session(cfg) as spark:
+                out = run_distributed(spark, dist_cfg, kwargs)
+        else:
+            out = result_summary(train(**kwargs))
     except TrainingError as exc:
         raise ConfigError(str(exc)) from exc
-    log.info("train done: run %s, model %s version %s", result.run_id, result.model_uri, result.model_version)
-    return {
-        "model_uri": result.model_uri,
-        "run_id": result.run_id,
-        "model_version": result.model_version,
-        "checkpoint_dir": result.checkpoint_dir,
-        "metrics": result.metrics,
-    }
+    log.info("train done: run %s, model %s version %s", out["run_id"], out["model_uri"], out["model_version"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,13 +71,19 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
+    # > 1: TorchDistributor runs that many training processes (gloo on CPU, nccl on GPUs).
     num_processes: int = 1
     use_gpu: bool = False
+    # True: all processes on the driver; False: one per Spark task (barrier mode, needs that many free slots).
     local_mode: bool = True
+    # How long a collective waits for a silent rank before the run fails (a dead rank usually fails it at once).
+    timeout_s: int = 600
 
     def __post_init__(self) -> None:
         if self.num_processes < 1:
             raise ValueError(f"train.distributed.num_processes: must be >= 1, got {self.num_processes}")
+        if self.timeout_s < 1:
+            raise ValueError(f"train.distributed.timeout_s: must be >= 1, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,17 +176,22 @@ class InMemorySource:
     def n_train(self) -> int:
         return len(self.train_ids)
 
-    def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[torch.Tensor]:
+    def batches(
+        self, split: str, batch_size: int, shuffle: bool, seed: int = 0, shard: tuple[int, int] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Batches of ``batch_size`` rows; with ``shard=(rank, count)`` this rank's part of each such batch.
+
+        Every rank cuts the same global batches (same seeded permutation) and keeps its contiguous
+        ``1/count`` slice, so ``count`` ranks together see exactly the single-process batches.
+        """
         data = self.train if split == "train" else self.val
         n = data.shape[0]
-        if shuffle:
-            g = torch.Generator().manual_seed(seed)
-            order = torch.randperm(n, generator=g).to(self.device)
-            for s in range(0, n, batch_size):
-                yield data[order[s : s + batch_size]]
-        else:
-            for s in range(0, n, batch_size):
-                yield data[s : s + batch_size]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.device) if shuffle else None
+        for s in range(0, n, batch_size):
+            xb = data[order[s : s + batch_size]] if order is not None else data[s : s + batch_size]
+            if shard is not None:
+                xb = torch.tensor_split(xb, shard[1])[shard[0]]
+            yield xb
 
     def validation_arrays(self) -> tuple[np.ndarray, torch.Tensor]:
         return self.val_ids, self.val
@@ -251,11 +257,29 @@ class StreamingSource:
         self.uri, self.info, self.val_fraction, self.device, self.workers = uri, info, val_fraction, device, workers
         self.n_train = None  # unknown until one pass; only used for progress totals
 
-    def batches(self, split: str, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[torch.Tensor]:
+    def batches(
+        self, split: str, batch_size: int, shuffle: bool, seed: int = 0, shard: tuple[int, int] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Batches through Petastorm; with ``shard=(rank, count)`` this rank's row groups only.
+
+        Shards are whole row groups (Petastorm's unit), so they are uneven: each rank cuts batches of
+        ``ceil(batch_size / count)`` rows from its shard and the trainer lets a rank that ran out join
+        the remaining steps with zero gradients. A rank whose shard has no row group gets no batches.
+        """
+        from petastorm.errors import NoDataAvailableError
+
         want_val = split != "train"
+        cur, count = shard if shard is not None else (None, None)
+        if count:
+            batch_size = math.ceil(batch_size / count)
         pending: list[torch.Tensor] = []
         have = 0
-        with features_reader(self.uri, batch_size, shuffle, seed, self.workers) as it:
+        with ExitStack() as stack:
+            try:
+                it = stack.enter_context(features_reader(self.uri, batch_size, shuffle, seed, self.workers, cur, count))
+            except NoDataAvailableError:
+                log.warning("features table %s: no row group for shard %s of %s (fewer row groups than ranks)", self.uri, cur, count)
+                return
             for ids, x in it:
                 mask = torch.from_numpy(is_validation(ids.numpy(), self.val_fraction))
                 keep = x[mask] if want_val else x[~mask]

@@ -8,6 +8,8 @@ check it for NaN/Inf once per epoch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -38,8 +40,13 @@ def autoencoder_step(
     corruption: float,
     bce: bool,
     generator: torch.Generator | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """One step of the shallow autoencoder encoders[layer] -> decoders[layer], optionally denoising."""
+    """One step of the shallow autoencoder encoders[layer] -> decoders[layer], optionally denoising.
+
+    ``before_step`` runs between backward and the optimizer step (distributed training sums the
+    gradients over ranks there).
+    """
     enc, dec = model.encoders[layer], model.decoders[layer]
     inp = x
     if corruption > 0:
@@ -51,6 +58,8 @@ def autoencoder_step(
     loss = reconstruction_loss(out if use_bce else model.dec_acts[layer](out), x, use_bce)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if before_step is not None:
+        before_step()
     optimizer.step()
     return loss.detach()
 
@@ -63,6 +72,7 @@ def rbm_step(
     optimizer: torch.optim.Optimizer,
     cd_k: int,
     generator: torch.Generator | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One CD-k step of the RBM whose weights are tied: W = encoders[layer].weight = decoders[layer].weight.T.
 
@@ -97,6 +107,8 @@ def rbm_step(
     gvb = -(v0 - vk).mean(0)
     optimizer.zero_grad(set_to_none=True)
     w.grad, hb.grad, vb.grad = gw, ghb, gvb
+    if before_step is not None:
+        before_step()
     optimizer.step()
     # Keep the decoder the transpose of the RBM's weights (the unrolled net starts tied).
     dec.weight.copy_(w.t())

@@ -6,8 +6,10 @@ checkpoint; a run resumes from it (same MLflow run) to the same weights as an un
 because each epoch's data order and noise come from ``(seed, stage, epoch)`` and the model,
 optimizer and RNG states are restored.
 
-``rank``/``world_size`` are here for a later distributed launcher (rank 0 logs and checkpoints);
-only ``world_size == 1`` is implemented.
+With ``world_size > 1`` (a process group already initialised, see ``sae_model.distributed``) every
+rank runs the same stages in lock-step: each takes its share of every global batch, gradients are
+summed over ranks weighted by rows (so the update equals the single-process update of the same
+global batch), every rank keeps identical weights, and only rank 0 logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Test hook: the process exits (as if killed) right after writing this many checkpoints.
 EXIT_AFTER_ENV = "SAE_TEST_EXIT_AFTER_EPOCHS"
+# Test hook: the rank with this number raises at the start of training (a rank that dies).
+FAIL_RANK_ENV = "SAE_TEST_FAIL_RANK"
 NEIGHBOUR_LOSSES = ("tsne", "umap")
 
 
@@ -171,8 +175,6 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if world_size != 1:
-            raise NotImplementedError("distributed training (world_size > 1) is not built yet")
         self.model = model.to(device)
         self.pre, self.fine, self.tc = pretrain_cfg, finetune_cfg, train_cfg
         self.source, self.device = source, device
@@ -189,6 +191,7 @@ class Trainer:
         self._val_rows = -1
         self.progress = train_cfg.progress and sys.stderr.isatty()
         self.amp = train_cfg.mixed_precision and device.type == "cuda"
+        self.distributed = world_size > 1
 
     # ---- stages
 
@@ -282,8 +285,9 @@ class Trainer:
     # ---- epochs
 
     def _batches(self, stage: Stage, seed: int) -> Iterator[torch.Tensor]:
-        it = self.source.batches("train", stage.batch_size, shuffle=self.tc.shuffle, seed=seed)
-        if not self.progress:
+        shard = (self.rank, self.world_size) if self.distributed else None
+        it = self.source.batches("train", stage.batch_size, shuffle=self.tc.shuffle, seed=seed, shard=shard)
+        if not self.progress or self.rank != 0:
             return it
         from tqdm import tqdm
 
@@ -295,6 +299,8 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def train_epoch(self, stage: Stage, epoch: int) -> float:
+        if self.distributed:
+            return self._train_epoch_distributed(stage, epoch)
         seed = epoch_seed(self.tc.seed, stage.index, epoch)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         m = self.model
@@ -323,6 +329,94 @@ class Trainer:
             count += n
         return float(total.item() / max(count, 1))
 
+    # ---- distributed (world_size > 1)
+
+    def _sync_grads(self, scale: float) -> None:
+        """Sum ``scale * grad`` over ranks in one flat all-reduce: the row-weighted mean gradient."""
+        import torch.distributed as dist
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params]) * scale
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            k = p.numel()
+            p.grad.copy_(flat[offset : offset + k].view_as(p.grad))
+            offset += k
+
+    def _train_epoch_distributed(self, stage: Stage, epoch: int) -> float:
+        """One epoch in lock-step with the other ranks; returns the loss over all ranks' rows.
+
+        Every step first sums the ranks' row counts, so a rank whose shard ran out (streaming shards are
+        whole row groups, hence uneven) still joins each all-reduce with zero gradients until all are done.
+        """
+        import torch.distributed as dist
+
+        seed = epoch_seed(self.tc.seed, stage.index, epoch)
+        # Rank 0 draws the single-process noise; the others their own (their rows differ).
+        gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.rank)
+        m = self.model
+        m.train()
+        stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, rows
+        bce = self.fine.loss == "bce"
+        opt = self.optimizer
+        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
+        it = iter(self._batches(stage, seed))
+        n_t = torch.zeros(1, device=self.device, dtype=torch.int64)
+        while True:
+            xb = next(it, None)
+            n = 0 if xb is None else xb.shape[0]
+            n_t.fill_(n)
+            dist.all_reduce(n_t)
+            n_all = int(n_t.item())
+            if n_all == 0:
+                break
+            scale = n / n_all
+
+            def sync(scale: float = scale) -> None:
+                self._sync_grads(scale)
+
+            if n == 0:  # nothing here this step: join the all-reduce with zero gradients
+                opt.zero_grad(set_to_none=True)
+                sync()
+                opt.step()
+                if rbm:
+                    with torch.no_grad():
+                        m.decoders[stage.layer].weight.copy_(m.encoders[stage.layer].weight.t())
+                continue
+            if stage.kind == "finetune":
+                with self._autocast():
+                    loss = finetune_loss(m, xb, bce)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sync()
+                opt.step()
+                loss = loss.detach()
+            else:
+                x = inputs_for_layer(m, xb, stage.layer)
+                if rbm:
+                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync)
+                else:
+                    with self._autocast():
+                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
+            stats[0] += loss.double() * n
+            stats[1] += n
+        dist.all_reduce(stats)
+        return float(stats[0].item() / max(stats[1].item(), 1))
+
+    def broadcast_weights(self) -> None:
+        """Make every rank start from rank 0's weights (they are equal by seed; this makes it certain)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, src=0)
+
     @torch.no_grad()
     def evaluate(self, stage: Stage | None) -> float:
         """Validation loss of ``stage`` (its shallow autoencoder, or the whole net; None = whole net, MSE)."""
@@ -347,6 +441,9 @@ class Trainer:
         stages = self.stages()
         si0, ep0 = start or (0, 0)
         t_start, done_here = time.monotonic(), 0
+        if os.environ.get(FAIL_RANK_ENV, "") == str(self.rank):
+            raise RuntimeError(f"{FAIL_RANK_ENV}={self.rank}: rank {self.rank} fails on purpose (test hook)")
+        self.broadcast_weights()
         remaining_total = sum(s.epochs for s in stages[si0:]) - ep0
         for stage in stages[si0:]:
             first = ep0 if stage.index == si0 else 0
@@ -448,6 +545,8 @@ def train(
 ) -> TrainResult:
     """Train on ``features_uri``, log the run to MLflow and register the model.
 
+    ``world_size > 1``: call it on every rank of an initialised process group (``sae_model.distributed``);
+    only rank 0 logs to MLflow and checkpoints, and only rank 0's result names the model.
     ``resume=True`` continues from the checkpoint in ``checkpoint_dir`` (an error if there is none);
     with ``train.auto_resume`` an unfinished checkpoint of the same ``fingerprint`` is continued too.
     A finished checkpoint is never resumed: the run starts afresh.
@@ -463,10 +562,14 @@ def train(
     if meta is not None and meta.get("finished") and resume:
         raise TrainingError(f"--resume: the run in {checkpoint_dir} already finished (run {meta.get('run_id')})")
     do_resume = meta is not None and not meta.get("finished") and (resume or train_cfg.auto_resume)
-    if meta is not None and not do_resume:
+    if meta is not None and not do_resume and rank == 0:
         for f in checkpoint_dir.glob("*"):
             if f.is_file():
                 f.unlink()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the checkpoint's meta before rank 0 writes a new one
 
     source = open_source(
         features_uri, model_cfg.layers[0], train_cfg.val_fraction, device, train_cfg.in_memory_max_mb, train_cfg.reader_workers
