@@ -11,9 +11,9 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from infer_data import log_test_model, write_inputs
 
 from sae_model.loading import Encoder
+from tests.infer_data import log_test_model, write_inputs
 
 pytestmark = pytest.mark.slow
 

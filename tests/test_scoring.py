@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
-from infer_data import log_test_model, write_inputs
 
 from pipelines.scoring import resolve_model, score
 from sae_model.loading import Encoder
+from tests.infer_data import log_test_model, write_inputs
 
 
 @pytest.fixture(scope="module")
