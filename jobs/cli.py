@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("jobs.infer", "score every item, publish codes/ and neighbors/, draw the maps"),
     "neighbors": ("jobs.neighbors", "print the nearest items to a title or id"),
     "run": ("jobs.run", "ingest -> train -> infer in one command"),
+    "nightly": ("jobs.nightly", "scheduled retraining: ingest, train, compare, promote, publish, report"),
+    "rollback": ("jobs.rollback", "restore the previous champion and its codes/ and neighbors/"),
 }
 
 

@@ -37,6 +37,7 @@ config keys (set in YAML or as dotted key=value overrides):
   train.*            seed, val_fraction, device (auto|cpu|cuda), ...
   infer.*            model_uri, k, metric, layer, method
   mlflow.*           tracking_uri, experiment, registered_model
+  nightly.*          date, warm_start, metric, margin, align, align_scaling (sae nightly)
 presets (--preset): {presets}
 """
 

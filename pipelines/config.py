@@ -232,6 +232,37 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class NightlyConfig:
+    """nightly.*: the unattended ingest -> train -> evaluate -> promote -> publish -> report run."""
+
+    # The night to run (UTC date, YYYY-MM-DD); empty = today. Names the state file and the report.
+    date: str = ""
+    # Challenger starts from the champion's weights (no pretraining), else from scratch.
+    warm_start: bool = True
+    # Quality metric on the fixed holdout; ae_squared_error is lower-is-better, the others higher.
+    metric: Literal["ae_squared_error", "ae_trustworthiness", "ae_continuity", "ae_knn_accuracy"] = "ae_squared_error"
+    # Promote unless the challenger is worse than the champion by more than this share of its score.
+    margin: float = 0.05
+    # Align a new model's 2-D map to the published one (orthogonal Procrustes on the shared items).
+    align: bool = True
+    align_scaling: bool = True
+    # Shared items sampled (to the driver) to fit the alignment.
+    align_max_items: int = 20000
+    # Training items sampled for the PCA baseline of the holdout report.
+    baseline_max_items: int = 20000
+    # A lock left by a process on another host is taken over after this many seconds.
+    lock_stale_after_s: int = 12 * 3600
+
+    def __post_init__(self) -> None:
+        _check_date(self.date, "nightly.date")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"nightly.margin: must be in [0, 1), got {self.margin}")
+        for key in ("align_max_items", "baseline_max_items", "lock_stale_after_s"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"nightly.{key}: must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -242,6 +273,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

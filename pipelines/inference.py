@@ -16,6 +16,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from pipelines.alignment import Alignment
 from pipelines.config import InferConfig
 from pipelines.maps import write_maps
 from pipelines.neighbors import recall_at_k, top_k_neighbors
@@ -27,10 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def codes_table(
-    spark: SparkSession, features: DataFrame, model: ResolvedModel, infer: InferConfig, scored_at: datetime
+    spark: SparkSession,
+    features: DataFrame,
+    model: ResolvedModel,
+    infer: InferConfig,
+    scored_at: datetime,
+    alignment: Alignment | None = None,
 ) -> DataFrame:
-    """The CODES table: item_id, code, x/y for 2-D codes, model provenance and scoring time."""
+    """The CODES table: item_id, code, x/y for 2-D codes, model provenance and scoring time.
+
+    ``alignment`` (``pipelines.alignment``) is applied to the code before x/y are taken from it.
+    """
     scored = score(spark, features, model, layer=-1, batch_rows=infer.batch_size, threads=infer.torch_threads)
+    if alignment is not None:
+        scored = scored.withColumn("code", aligned_code(F.col("code"), alignment))
     two_d = F.size("code") == 2
     return conform(
         scored.select(
@@ -47,14 +58,35 @@ def codes_table(
     )
 
 
+def aligned_code(code: F.Column, alignment: Alignment) -> F.Column:
+    """``scale * code @ rotation + translation`` as Spark column arithmetic (no Python UDF).
+
+    Each element is coalesced with 0 only so that Spark knows it is non-null (CODES' array<float>
+    has containsNull=false); the scored code never holds nulls."""
+    rot, s, t = alignment.rotation, float(alignment.scale), alignment.translation
+    d = rot.shape[0]
+    out = [
+        F.coalesce(
+            sum((code[j] * float(s * rot[j, i]) for j in range(d)), F.lit(float(t[i]))).cast("float"),
+            F.lit(0.0).cast("float"),
+        )
+        for i in range(d)
+    ]
+    return F.array(*out)
+
+
 def predict_batch(
     spark: SparkSession,
     model: ResolvedModel,
     root: str,
     infer: InferConfig,
     log_maps: bool = True,
+    alignment: Alignment | None = None,
 ) -> dict[str, Any]:
     """Score every item under ``root``/features, publish codes/ and neighbors/, write and log maps.
+
+    ``alignment`` maps the model's codes onto the previous map (nightly runs); neighbours are then
+    computed on the aligned codes, as published.
 
     Returns a summary: table paths, row count, neighbour method, recall (approximate methods, or
     measured anyway for ``grid``), map paths and timings.
@@ -66,7 +98,7 @@ def predict_batch(
     summary: dict[str, Any] = {"model_uri": model.uri, "run_id": model.run_id, "model_version": model.version}
     with publishing(root, ["codes", "neighbors"], spark) as pub:
         codes_path = pub.staging("codes")
-        codes_table(spark, features, model, infer, scored_at).write.parquet(codes_path)
+        codes_table(spark, features, model, infer, scored_at, alignment).write.parquet(codes_path)
         codes = spark.read.parquet(codes_path)
         summary["items"] = codes.count()
         summary["code_width"] = len(codes.select("code").first()[0]) if summary["items"] else 0

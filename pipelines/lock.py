@@ -37,6 +37,13 @@ def _stale(info: dict, stale_after: float) -> bool:
     return time.time() - float(info.get("started", 0)) > stale_after
 
 
+def _young(path: Path, seconds: float = 60.0) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
 @contextmanager
 def run_lock(path: str | Path, stale_after: float = 12 * 3600) -> Iterator[dict]:
     path = Path(path)
@@ -50,6 +57,9 @@ def run_lock(path: str | Path, stale_after: float = 12 * 3600) -> Iterator[dict]
                 info = json.loads(path.read_text() or "{}")
             except (OSError, ValueError):
                 info = {}
+            if not info and _young(path):
+                # Created but not written yet: another run is taking the lock right now.
+                raise LockHeld(f"another run is taking {path} right now; exiting without doing anything") from None
             if info and not _stale(info, stale_after):
                 started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(info["started"])))
                 raise LockHeld(

@@ -528,6 +528,20 @@ class FunctionCallback(Callback):
 # ---------------------------------------------------------------- the entry point
 
 
+def warm_start(model: StackedAutoencoder, init_from: str) -> None:
+    """Copy the weights of the model at ``init_from`` into ``model`` (a resumed run restores over them)."""
+    from sae_model.loading import load_encoder
+
+    source = load_encoder(init_from).model
+    if list(source.layers) != list(model.layers):
+        raise TrainingError(
+            f"warm start from {init_from}: its layers {list(source.layers)} differ from model.layers "
+            f"{list(model.layers)}; train from scratch or match model.layers"
+        )
+    model.load_state_dict(source.state_dict())
+    log.info("warm start: weights from %s", init_from)
+
+
 def train(
     model_cfg: ModelConfig,
     pretrain_cfg: PretrainConfig,
@@ -542,11 +556,16 @@ def train(
     callbacks: list[Callback] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    init_from: str | None = None,
 ) -> TrainResult:
     """Train on ``features_uri``, log the run to MLflow and register the model.
 
     ``world_size > 1``: call it on every rank of an initialised process group (``sae_model.distributed``);
     only rank 0 logs to MLflow and checkpoints, and only rank 0's result names the model.
+
+    ``init_from`` (a model URI or saved-model directory) warm-starts: its weights replace the fresh
+    initialisation (same layer widths required). Set ``pretrain.epochs=0`` to skip pretraining then.
+
     ``resume=True`` continues from the checkpoint in ``checkpoint_dir`` (an error if there is none);
     with ``train.auto_resume`` an unfinished checkpoint of the same ``fingerprint`` is continued too.
     A finished checkpoint is never resumed: the run starts afresh.
@@ -575,6 +594,8 @@ def train(
         features_uri, model_cfg.layers[0], train_cfg.val_fraction, device, train_cfg.in_memory_max_mb, train_cfg.reader_workers
     )
     model = build_model(model_cfg, train_cfg.seed)
+    if init_from:
+        warm_start(model, init_from)
     trainer = Trainer(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
         callbacks=list(callbacks or []), fingerprint=fingerprint, rank=rank, world_size=world_size,

@@ -44,3 +44,14 @@ def test_lock_refuses_second_holder_and_takes_over_stale(tmp_path):
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout), "started": 0}))
     with run_lock(lock) as me:
         assert json.loads(lock.read_text())["pid"] == me["pid"] == os.getpid()
+
+
+def test_lock_being_written_is_not_taken_over(tmp_path):
+    # Between the exclusive create and the write the file is empty: that is a live owner, not a stale lock.
+    lock = tmp_path / "nightly.lock"
+    lock.write_text("")
+    with pytest.raises(LockHeld, match="right now"), run_lock(lock):
+        pass
+    os.utime(lock, (0, 0))  # an empty file left for long: its writer died, so it is taken over
+    with run_lock(lock):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()

@@ -1,0 +1,568 @@
+"""Nightly retraining, one function per step: ingest -> train -> evaluate -> promote -> publish -> report.
+
+Each step takes ``(spark, cfg, state)`` and returns a small JSON-able dict that the caller stores in
+the night's state file (``paths.root/nightly/DATE.json``) before the next step starts, so a re-run
+skips what is done and continues where the last attempt failed. ``STEPS`` is the order; the job
+(``jobs/nightly.py``), the Airflow DAG (``jobs/nightly_dag.py``) and the tests all read it.
+
+The fixed holdout: the items of the training split's own hash holdout (``train.val_fraction``; the
+trainer never fits them and does not select on them), with their vectors frozen the first night into
+``paths.root/nightly/holdout.npz``. Champion and challenger are scored on exactly those rows every
+night, so a damaged feed (which also damages today's vectors) cannot flatter the model trained on
+it. The snapshot is re-frozen only when the feature set (vocabulary) changes, since old vectors
+then no longer fit the models' input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.alignment import Alignment, procrustes
+from pipelines.config import Config
+from pipelines.publish import is_local, local_path, table_path, table_uri
+
+log = logging.getLogger(__name__)
+
+STEPS = ["ingest", "train", "evaluate", "promote", "publish", "report"]
+CHAMPION, PREVIOUS = "champion", "previous"
+ALIGNMENT_TAG = "map_alignment"  # model-version tag: the transform its codes are published with
+FEATURES_TAG = "feature_names_sha"  # model-version tag: which feature set the model was trained on
+LOWER_IS_BETTER = ("ae_squared_error",)
+
+
+class NightlyError(RuntimeError):
+    """A step cannot go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- the per-night state file
+
+
+@dataclass
+class NightState:
+    """What one night has done so far; saved atomically after every step."""
+
+    path: Path
+    date: str
+    status: str = "new"  # new | running | failed | succeeded
+    completed: list[str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    failed_step: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    tracking_uri: str = ""
+
+    @classmethod
+    def load(cls, root: str, date: str) -> NightState:
+        path = local_path(root) / "nightly" / f"{date}.json"
+        if not path.exists():
+            return cls(path=path, date=date)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.pop("path", None)
+        return cls(path=path, **data)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in asdict(self).items() if k != "path"}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def pending(self) -> list[str]:
+        return [s for s in STEPS if s not in self.completed]
+
+
+def night_date(cfg: Config) -> str:
+    return cfg.nightly.date or dt.datetime.now(dt.UTC).date().isoformat()
+
+
+def tracking_uri(cfg: Config) -> str:
+    """mlflow.tracking_uri, or the pipeline's sqlite store under paths.root (as train/infer use)."""
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if not is_local(cfg.paths.root):
+        raise NightlyError("mlflow.tracking_uri must be set when paths.root is not a local directory")
+    root = local_path(cfg.paths.root)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def run_steps(
+    spark: SparkSession | None,
+    cfg: Config,
+    state: NightState,
+    only: list[str] | None = None,
+    after_step: Callable[[str], None] | None = None,
+) -> NightState:
+    """Run the pending steps (or just ``only``) in order, saving the state after each.
+
+    A failing step marks the state failed with the step's name and re-raises. ``after_step`` is
+    called once a step is recorded (the job's test hook uses it to die there).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(state.tracking_uri or tracking_uri(cfg))
+    for name in only or []:
+        if name not in STEPS:
+            raise NightlyError(f"no step {name!r}; the steps are {STEPS}")
+        missing = [s for s in STEPS[: STEPS.index(name)] if s not in state.completed and s not in only]
+        if missing:
+            raise NightlyError(f"step {name!r} needs {missing} done first (night {state.date})")
+    for step in STEPS:
+        if only is not None and step not in only:
+            continue
+        if step in state.completed:
+            log.info("night %s: step %s already done, skipped", state.date, step)
+            continue
+        state.status = "running"
+        state.save()
+        log.info("night %s: step %s", state.date, step)
+        try:
+            state.results[step] = STEP_FUNCTIONS[step](spark, cfg, state)
+        except BaseException as exc:
+            state.status, state.failed_step, state.error = "failed", step, f"{type(exc).__name__}: {exc}"[:2000]
+            state.save()
+            raise
+        state.completed.append(step)
+        state.failed_step = state.error = None
+        if not state.pending():
+            state.status = "succeeded"
+        state.save()
+        if after_step is not None:
+            after_step(step)
+    return state
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def champion(cfg: Config) -> Any | None:
+    """The registered model's @champion version, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_model_version_by_alias(cfg.mlflow.registered_model, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _manifest(cfg: Config) -> dict[str, Any]:
+    path = local_path(table_path(cfg.paths.root, "features")) / "_manifest.json"
+    if not path.exists():
+        raise NightlyError(f"{path}: no features manifest; the ingest step has not published features/")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _names_sha(names: list[str]) -> str:
+    return hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()[:16]
+
+
+def _model_uri(cfg: Config, version: Any) -> str:
+    return f"models:/{cfg.mlflow.registered_model}/{version}"
+
+
+# ---------------------------------------------------------------- 1. ingest
+
+
+def step_ingest(spark: SparkSession, cfg: Config, state: NightState) -> dict[str, Any]:
+    """Incremental ingest: the log sources skip the partitions (or, for a flat file, the records up
+    to the watermark) that earlier nights loaded, so this reads only what is new since then."""
+    from pipelines.ingest import check_inputs, run_ingest
+
+    check_inputs(cfg)
+    manifest = run_ingest(spark, cfg)
+    keys = ("rows_in", "rows_used", "rows_quarantined", "items_out", "dim", "loads", "source")
+    return {k: manifest.get(k) for k in keys} | {"feature_names_sha": _names_sha(manifest["feature_names"])}
+
+
+# ---------------------------------------------------------------- 2. train
+
+
+def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
+    """Train the challenger, warm-started from the champion's weights when configured and possible.
+
+    Checkpoints go to ``checkpoints/nightly-DATE``: a re-run after a crash continues the same MLflow
+    run. The challenger is registered (a new version) but gets no alias here."""
+    from sae_model.tracking import git_commit
+    from sae_model.trainer import MlflowSettings, train
+
+    manifest = _manifest(cfg)
+    names_sha = _names_sha(manifest["feature_names"])
+    champ = champion(cfg)
+    init_from, why = None, "nightly.warm_start=false"
+    if cfg.nightly.warm_start:
+        if champ is None:
+            why = "no champion yet"
+        elif champ.tags.get(FEATURES_TAG) not in (None, names_sha):
+            why = "the feature set changed since the champion was trained"
+        else:
+            init_from, why = _model_uri(cfg, champ.version), f"champion version {champ.version}"
+    pretrain = replace(cfg.pretrain, epochs=0) if init_from else cfg.pretrain
+    log.info("challenger: %s (%s)", "warm start" if init_from else "from scratch", why)
+    ckpt = local_path(cfg.paths.root) / "checkpoints" / f"nightly-{state.date}"
+    settings = MlflowSettings(
+        tracking_uri=state.tracking_uri or tracking_uri(cfg),
+        experiment=cfg.mlflow.experiment,
+        registered_model=cfg.mlflow.registered_model,
+        params=cfg.flat(),
+        tags={
+            "git_commit": git_commit(Path(__file__).resolve().parent.parent),
+            "config_hash": cfg.hash(),
+            "stage": "nightly-challenger",
+            "nightly_date": state.date,
+            "warm_start_from": init_from or "",
+        },
+        config_text=cfg.to_yaml(),
+    )
+    result = train(
+        cfg.model, pretrain, cfg.finetune, cfg.train,
+        table_uri(cfg.paths.root, "features"), table_uri(cfg.paths.root, "items"),
+        settings, ckpt, fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from,
+    )
+    if result.model_version is None:
+        raise NightlyError("the challenger was not registered: set mlflow.registered_model")
+    _client().set_model_version_tag(cfg.mlflow.registered_model, result.model_version, FEATURES_TAG, names_sha)
+    return {
+        "model_uri": _model_uri(cfg, result.model_version),
+        "run_id": result.run_id,
+        "version": result.model_version,
+        "warm_start": bool(init_from),
+        "warm_start_reason": why,
+        "train_metrics": result.metrics,
+    }
+
+
+# ---------------------------------------------------------------- 3. evaluate
+
+
+def holdout(cfg: Config, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(ids, frozen holdout vectors, a training sample for the PCA baseline, whether it was (re)frozen now)."""
+    from sae_model.data import is_validation, load_table
+
+    ids, x = load_table(table_uri(cfg.paths.root, "features"), int(manifest["dim"]))
+    val = is_validation(ids, cfg.train.val_fraction)
+    rng = np.random.default_rng(0)
+    train_rows = np.flatnonzero(~val)
+    if len(train_rows) > cfg.nightly.baseline_max_items:
+        train_rows = np.sort(rng.choice(train_rows, cfg.nightly.baseline_max_items, replace=False))
+    sha = _names_sha(manifest["feature_names"])
+    path = local_path(cfg.paths.root) / "nightly" / "holdout.npz"
+    if path.exists():
+        snap = np.load(path)
+        if str(snap["feature_names_sha"]) == sha:
+            return snap["item_id"], snap["features"], x[train_rows], False
+        log.warning("feature set changed: the holdout snapshot is frozen again from today's vectors")
+    if val.sum() < 3:
+        raise NightlyError(
+            f"the holdout has {int(val.sum())} items (train.val_fraction={cfg.train.val_fraction} of "
+            f"{len(ids)}); at least 3 are needed to compare models: raise train.val_fraction"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".holdout.tmp.npz")
+    np.savez(tmp, item_id=ids[val], features=x[val], feature_names_sha=np.array(sha))
+    os.replace(tmp, path)
+    return ids[val], x[val], x[train_rows], True
+
+
+def evaluate_model(model_uri: str, x_hold: np.ndarray, x_train: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    """The ``sae_model.evaluation`` quality metrics of one model on the holdout rows."""
+    from sae_model.evaluation import evaluate_map
+    from sae_model.loading import load_encoder
+
+    enc = load_encoder(model_uri)
+    n = x_hold.shape[0]
+    k_tw = max(1, min(12, (n - 1) // 2))
+    metrics = evaluate_map(
+        x_train, x_hold, enc.encode(x_hold), labels, enc.reconstruct(x_hold), k_knn=min(5, n - 1), k_tw=k_tw
+    )
+    return {k: float(v) for k, v in metrics.items() if k.startswith("ae_") or k.startswith("n_")}
+
+
+def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
+    """Challenger and champion on the same frozen holdout rows."""
+    from sae_model.data import read_labels
+
+    manifest = _manifest(cfg)
+    ids, x_hold, x_train, frozen = holdout(cfg, manifest)
+    labels = read_labels(table_uri(cfg.paths.root, "items"), ids)
+    if labels is not None and any(v is None or v != v for v in labels):
+        labels = None  # labels only when every holdout item has one
+    challenger = state.results["train"]
+    out: dict[str, Any] = {
+        "holdout_items": int(len(ids)),
+        "holdout_frozen_now": frozen,
+        "challenger": evaluate_model(challenger["model_uri"], x_hold, x_train, labels),
+        "champion": None,
+        "champion_version": None,
+    }
+    champ = champion(cfg)
+    if champ is not None and str(champ.version) != str(challenger["version"]):
+        out["champion_version"] = str(champ.version)
+        if champ.tags.get(FEATURES_TAG) not in (None, _names_sha(manifest["feature_names"])):
+            out["champion_note"] = "the champion was trained on another feature set and cannot score today's"
+        else:
+            try:
+                out["champion"] = evaluate_model(_model_uri(cfg, champ.version), x_hold, x_train, labels)
+            except ValueError as exc:  # input width differs
+                out["champion_note"] = f"the champion cannot score the holdout: {exc}"
+    return out
+
+
+# ---------------------------------------------------------------- 4. promote
+
+
+def decide(challenger: dict[str, float], champ: dict[str, float] | None, metric: str, margin: float) -> tuple[bool, str]:
+    """Promote unless the challenger is worse than the champion by more than ``margin`` (relative)."""
+    if champ is None:
+        return True, "no comparable champion"
+    if metric not in challenger or metric not in champ:
+        raise NightlyError(f"nightly.metric={metric}: not measured on the holdout (no labels?); measured: {sorted(challenger)}")
+    new, old = challenger[metric], champ[metric]
+    if metric in LOWER_IS_BETTER:
+        limit = old * (1 + margin)
+        ok = new <= limit
+        rel = "at most" if ok else "above"
+    else:
+        limit = old - abs(old) * margin
+        ok = new >= limit
+        rel = "at least" if ok else "below"
+    verdict = "promoted" if ok else "kept the champion"
+    return ok, f"{verdict}: challenger {metric} {new:.6g} is {rel} the limit {limit:.6g} (champion {old:.6g}, margin {margin:g})"
+
+
+def step_promote(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
+    """Decide which version serves tonight. The alias swap itself (@champion -> challenger, the old
+    one kept as @previous) is the last act of ``publish``, right after the tables are swapped, so a
+    failure in between leaves yesterday's champion and yesterday's tables serving together."""
+    ev, ch = state.results["evaluate"], state.results["train"]
+    ok, reason = decide(ev["challenger"], ev["champion"], cfg.nightly.metric, cfg.nightly.margin)
+    current = champion(cfg)
+    if not ok and current is None:
+        raise NightlyError(f"no champion and the challenger was not promoted ({reason})")
+    log.info("night %s: %s", state.date, reason)
+    return {
+        "promoted": ok,
+        "reason": reason,
+        "serving_version": str(ch["version"]) if ok else str(current.version),
+        "previous_version": (None if current is None else str(current.version)) if ok else None,
+    }
+
+
+def set_champion(cfg: Config, version: str) -> None:
+    """@champion -> ``version``, the old champion kept as @previous (a no-op when already so)."""
+    client, name = _client(), cfg.mlflow.registered_model
+    current = champion(cfg)
+    if current is not None and str(current.version) == str(version):
+        return
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("@%s -> version %s (@%s -> %s)", CHAMPION, version, PREVIOUS, current and current.version)
+
+
+# ---------------------------------------------------------------- 5. publish
+
+
+def alignment_to_json(al: Alignment) -> str:
+    return json.dumps(
+        {
+            "rotation": al.rotation.tolist(), "scale": al.scale, "translation": al.translation.tolist(),
+            "residual": al.residual, "shared": al.shared,
+        }
+    )
+
+
+def alignment_from_json(text: str) -> Alignment:
+    d = json.loads(text)
+    return Alignment(np.array(d["rotation"]), float(d["scale"]), np.array(d["translation"]), float(d["residual"]), int(d["shared"]))
+
+
+def published_version(spark: SparkSession, cfg: Config) -> str | None:
+    """The model version the published codes/ were scored with (None: no codes yet)."""
+    path = table_path(cfg.paths.root, "codes")
+    if not Path(path).exists():
+        return None
+    row = spark.read.parquet(path).select("model_version").first()
+    return None if row is None else row[0]
+
+
+def fit_alignment(spark: SparkSession, cfg: Config, model_uri: str) -> tuple[Alignment | None, str]:
+    """Procrustes of the model's codes onto the published codes/ on a sample of the shared items."""
+    from sae_model.loading import load_encoder
+
+    root = cfg.paths.root
+    if not Path(table_path(root, "codes")).exists():
+        return None, "no published map yet"
+    old = spark.read.parquet(table_path(root, "codes")).select("item_id", F.col("code").alias("old"))
+    feats = spark.read.parquet(table_path(root, "features")).select("item_id", "features")
+    shared = old.join(feats, "item_id")
+    n = shared.count()
+    if n > cfg.nightly.align_max_items:
+        shared = shared.sample(fraction=min(1.0, 1.2 * cfg.nightly.align_max_items / n), seed=0)
+    rows = shared.limit(cfg.nightly.align_max_items).toPandas()
+    if rows.empty:
+        return None, "no item shared with the published map"
+    old_codes = np.stack(rows["old"].to_numpy()).astype(np.float64)
+    new_codes = load_encoder(model_uri).encode(np.stack(rows["features"].to_numpy()).astype(np.float32))
+    if old_codes.shape[1] != new_codes.shape[1]:
+        return None, f"code width changed ({old_codes.shape[1]} -> {new_codes.shape[1]})"
+    try:
+        al = procrustes(new_codes, old_codes, scaling=cfg.nightly.align_scaling)
+    except ValueError as exc:
+        return None, str(exc)
+    unaligned = float(np.sqrt(((new_codes - old_codes) ** 2).sum(axis=1).mean()))
+    log.info("alignment on %d shared items: residual %.4g (unaligned %.4g), scale %.4g", al.shared, al.residual, unaligned, al.scale)
+    return al, f"aligned on {al.shared} shared items (RMS drift unaligned {unaligned:.4g})"
+
+
+def step_publish(spark: SparkSession, cfg: Config, state: NightState) -> dict[str, Any]:
+    """Score with the champion and publish codes/ and neighbors/ atomically, aligned to the last map.
+
+    The alignment belongs to the model version (tag ``map_alignment``, also an artefact of its run):
+    it is fitted once, when the version is first published, and reused whenever that version scores
+    again, so a kept champion keeps its orientation and re-scoring reproduces the published map."""
+    import tempfile
+
+    from pipelines.inference import predict_batch
+    from pipelines.scoring import resolve_model
+
+    decision = state.results["promote"]
+    version = decision["serving_version"]
+    client = _client()
+    mv = client.get_model_version(cfg.mlflow.registered_model, version)
+    uri = _model_uri(cfg, version)
+    al, note = None, "alignment off (nightly.align=false)"
+    if mv.tags.get(ALIGNMENT_TAG):
+        al, note = alignment_from_json(mv.tags[ALIGNMENT_TAG]), "the model's stored alignment"
+    elif published_version(spark, cfg) == str(version):
+        note = "model unchanged since the published map"
+    elif cfg.nightly.align:
+        al, note = fit_alignment(spark, cfg, uri)
+        if al is not None:
+            text = alignment_to_json(al)
+            client.set_model_version_tag(cfg.mlflow.registered_model, version, ALIGNMENT_TAG, text)
+            if mv.run_id:
+                client.log_text(mv.run_id, text, f"alignment/{state.date}.json")
+    local = spark.sparkContext.master.startswith("local")
+    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
+        model = resolve_model(uri, cfg.mlflow.registered_model, cfg.mlflow.experiment, download_to=tmp if local else None)
+        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, log_maps=True, alignment=al)
+    if decision["promoted"]:
+        set_champion(cfg, version)
+    return {
+        "model_uri": uri,
+        "version": str(version),
+        "items": summary["items"],
+        "method": summary["method"],
+        "alignment": json.loads(alignment_to_json(al)) if al is not None else None,
+        "alignment_note": note,
+        "map_drift_rms": al.residual if al is not None else None,
+    }
+
+
+# ---------------------------------------------------------------- 6. report
+
+
+def report_text(state: NightState, cfg: Config) -> str:
+    r = state.results
+    ing, tr, ev, pr, pub = (r.get(s, {}) for s in ("ingest", "train", "evaluate", "promote", "publish"))
+    lines = [
+        f"# Nightly {state.date}",
+        "",
+        "## Ingested",
+        f"- loads: {', '.join(ing.get('loads') or []) or 'none new'}",
+        f"- records in {ing.get('rows_in')}, used {ing.get('rows_used')}, quarantined {ing.get('rows_quarantined')};"
+        f" items {ing.get('items_out')}, dim {ing.get('dim')}",
+        "",
+        "## Models on the fixed holdout" + f" ({ev.get('holdout_items')} items)",
+        f"- challenger: version {tr.get('version')} ({'warm start' if tr.get('warm_start') else 'from scratch'}:"
+        f" {tr.get('warm_start_reason')})",
+        f"- champion: version {ev.get('champion_version')}" + (f" ({ev['champion_note']})" if ev.get("champion_note") else ""),
+        "",
+        "| metric | challenger | champion |",
+        "|---|---|---|",
+    ]
+    champ_m = ev.get("champion") or {}
+    for k, v in sorted((ev.get("challenger") or {}).items()):
+        c = champ_m.get(k)
+        lines.append(f"| {k} | {v:.6g} | {'' if c is None else f'{c:.6g}'} |")
+    drift = pub.get("map_drift_rms")
+    lines += [
+        "",
+        "## Decision",
+        f"- metric {cfg.nightly.metric}, margin {cfg.nightly.margin:g}: {pr.get('reason')}",
+        f"- serving: version {pub.get('version')} ({pub.get('items')} items, neighbours by {pub.get('method')})",
+        "",
+        "## Map drift",
+        f"- {pub.get('alignment_note')}" + ("" if drift is None else f"; residual RMS {drift:.6g}"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def step_report(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
+    """The report to ``paths.root/reports/DATE.md`` and to a ``nightly-DATE`` MLflow run."""
+    import mlflow
+
+    text = report_text(state, cfg)
+    path = local_path(cfg.paths.root) / "reports" / f"{state.date}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    r = state.results
+    metrics = {f"challenger_{k}": v for k, v in r["evaluate"]["challenger"].items()}
+    metrics |= {f"champion_{k}": v for k, v in (r["evaluate"]["champion"] or {}).items()}
+    if r["publish"].get("map_drift_rms") is not None:
+        metrics["map_drift_rms"] = r["publish"]["map_drift_rms"]
+    metrics["promoted"] = float(r["promote"]["promoted"])
+    with mlflow.start_run(run_name=f"nightly-{state.date}", tags={"stage": "nightly", "nightly_date": state.date}) as run:
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(text, f"reports/{state.date}.md")
+        mlflow.log_text(json.dumps(state.results, indent=1, default=str), "nightly_state.json")
+    return {"report": str(path), "run_id": run.info.run_id}
+
+
+STEP_FUNCTIONS: dict[str, Callable[[Any, Config, NightState], dict[str, Any]]] = {
+    "ingest": step_ingest,
+    "train": step_train,
+    "evaluate": step_evaluate,
+    "promote": step_promote,
+    "publish": step_publish,
+    "report": step_report,
+}
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def rollback_champion(cfg: Config) -> tuple[str, str]:
+    """Swap @champion and @previous; returns (new champion version, the one rolled back from)."""
+    from mlflow.exceptions import MlflowException
+
+    client, name = _client(), cfg.mlflow.registered_model
+    try:
+        prev = client.get_model_version_by_alias(name, PREVIOUS)
+    except MlflowException:
+        raise NightlyError(f"registered model {name!r} has no @{PREVIOUS} version to roll back to") from None
+    cur = champion(cfg)
+    client.set_registered_model_alias(name, CHAMPION, prev.version)
+    if cur is not None:
+        client.set_registered_model_alias(name, PREVIOUS, cur.version)
+    return str(prev.version), (str(cur.version) if cur is not None else "")
