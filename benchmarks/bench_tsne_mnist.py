@@ -69,8 +69,8 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
     neighbour = loss in ("tsne", "umap")
     fine = FinetuneConfig(
         epochs=args.nb_epochs if neighbour else args.recon_epochs,
-        lr=args.nb_lr if neighbour else 0.01,
-        optimizer="adam" if neighbour else "sgd",
+        lr=args.nb_lr if neighbour else args.recon_lr,
+        optimizer="adam" if neighbour else args.recon_optimizer,
         batch_size=100,
         loss=loss,
         neighbor_batch_size=args.nb_batch,
@@ -88,7 +88,7 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
     with torch.no_grad():
         codes = r.model.cpu().eval().encode(torch.from_numpy(x_val)).numpy()
     out = {"method": f"sae/{loss}", "train_seconds": seconds, "pre_epochs": args.pre_epochs,
-           "finetune_epochs": fine.epochs, **scores(x_val, y_val, codes)}
+           "finetune_epochs": fine.epochs, "optimizer": fine.optimizer, "lr": fine.lr, **scores(x_val, y_val, codes)}
     if neighbour:
         out.update(batch=args.nb_batch, recon_weight=fine.recon_weight)
     return out
@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--pretrain", default="autoencoder")
     p.add_argument("--pre-epochs", type=int, default=3)
     p.add_argument("--recon-epochs", type=int, default=8)
+    p.add_argument("--recon-lr", type=float, default=0.01)
+    p.add_argument("--recon-optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--nb-epochs", type=int, default=15)
     p.add_argument("--nb-lr", type=float, default=1e-3)
     p.add_argument("--nb-batch", type=int, default=1000)

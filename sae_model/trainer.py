@@ -157,8 +157,7 @@ def finetune_loss(
     mse/bce: the reconstruction error. tsne/umap (``cfg.loss``): the neighbour loss of the batch's
     codes against affinities computed from the batch's own inputs (nothing outside the batch is
     needed, so a streamed table is never collected), plus ``cfg.recon_weight`` x the MSE
-    reconstruction error so that the decoder stays usable. The decoder
-    is not run at all when ``recon_weight`` is 0.
+    reconstruction error so that the decoder stays usable; the decoder is not run at weight 0.
     """
     z = model.encode(x)
     if cfg is None or cfg.loss not in NEIGHBOUR_LOSSES:
