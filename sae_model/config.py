@@ -61,12 +61,46 @@ class FinetuneConfig:
     loss: Literal["mse", "bce", "tsne", "umap"] = "mse"
     # Weight of the reconstruction term when loss is a neighbour loss (tsne/umap).
     recon_weight: float = 0.0
+    # Batch size of fine-tuning with a neighbour loss: the affinities are computed within each batch,
+    # so it must be large (van der Maaten 2009 used 5,000); batch_size applies to mse/bce only.
+    neighbor_batch_size: int = 2000
+    # t-SNE: perplexity of the input-space affinities; degrees of freedom of the Student-t on codes.
     perplexity: float = 30.0
+    tsne_dof: float = 1.0
+    # UMAP: kNN graph size (counting the point itself), the curve of the code-space similarity,
+    # and repelling samples per edge.
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    spread: float = 1.0
+    negative_sample_rate: int = 5
 
     def __post_init__(self) -> None:
         _check_phase("finetune", self.epochs, self.lr, self.batch_size, allow_zero_epochs=True)
         if self.recon_weight < 0:
             raise ValueError(f"finetune.recon_weight: must be >= 0, got {self.recon_weight}")
+        if self.neighbor_batch_size < 2:
+            raise ValueError(f"finetune.neighbor_batch_size: must be >= 2, got {self.neighbor_batch_size}")
+        if self.perplexity <= 0:
+            raise ValueError(f"finetune.perplexity: must be > 0, got {self.perplexity}")
+        if self.tsne_dof <= 0:
+            raise ValueError(f"finetune.tsne_dof: must be > 0, got {self.tsne_dof}")
+        if self.n_neighbors < 2:
+            raise ValueError(f"finetune.n_neighbors: must be >= 2 (it counts the item itself), got {self.n_neighbors}")
+        if self.spread <= 0 or not 0 <= self.min_dist < 3 * self.spread:
+            raise ValueError(
+                f"finetune.min_dist/spread: need spread > 0 and 0 <= min_dist < 3*spread, got {self.min_dist}, {self.spread}"
+            )
+        if self.negative_sample_rate < 0:
+            raise ValueError(f"finetune.negative_sample_rate: must be >= 0, got {self.negative_sample_rate}")
+
+    @property
+    def is_neighbor_loss(self) -> bool:
+        return self.loss in ("tsne", "umap")
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Rows per fine-tuning step: ``neighbor_batch_size`` for tsne/umap, else ``batch_size``."""
+        return self.neighbor_batch_size if self.is_neighbor_loss else self.batch_size
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from sae_model import checkpoint as ckpt
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
 from sae_model.model import StackedAutoencoder
+from sae_model.neighbor_loss import neighbor_loss
 from sae_model.pretrain import autoencoder_step, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,6 @@ class Callback:
 
 def check_settings(model_cfg: ModelConfig, pretrain_cfg: PretrainConfig, finetune_cfg: FinetuneConfig) -> None:
     """Fail before reading data on settings this trainer cannot honour."""
-    if finetune_cfg.loss in NEIGHBOUR_LOSSES:
-        raise TrainingError(
-            f"finetune.loss={finetune_cfg.loss}: not available yet (the neighbour losses are being added); "
-            "use finetune.loss=mse or finetune.loss=bce"
-        )
     if finetune_cfg.loss == "bce" and model_cfg.output_activation != "sigmoid":
         raise TrainingError("finetune.loss=bce needs model.output_activation=sigmoid (cross-entropy of [0,1] data)")
     if pretrain_cfg.method == "rbm" and model_cfg.activation != "sigmoid":
@@ -147,13 +143,37 @@ def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momen
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
 
 
-def finetune_loss(model: StackedAutoencoder, x: torch.Tensor, bce: bool) -> torch.Tensor:
-    z = model.encode(x)
+def reconstruction_loss(model: StackedAutoencoder, x: torch.Tensor, z: torch.Tensor, bce: bool) -> torch.Tensor:
     if bce:
-        loss = F.binary_cross_entropy_with_logits(model.decode_logits(z), x)
+        return F.binary_cross_entropy_with_logits(model.decode_logits(z), x)
+    return F.mse_loss(model.decode(z), x)
+
+
+def finetune_loss(
+    model: StackedAutoencoder,
+    x: torch.Tensor,
+    bce: bool,
+    cfg: FinetuneConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The fine-tuning objective of one batch.
+
+    mse/bce: the reconstruction error. tsne/umap (``cfg.loss``): the neighbour loss of the batch's
+    codes against affinities computed from the batch's own inputs (nothing outside the batch is
+    needed, so a streamed table is never collected), plus ``cfg.recon_weight`` x the MSE
+    reconstruction error so that the decoder stays usable; the decoder is not run at weight 0.
+    """
+    z = model.encode(x)
+    if cfg is None or cfg.loss not in NEIGHBOUR_LOSSES:
+        return reconstruction_loss(model, x, z, bce)
+    if x.shape[0] >= 2:
+        # Affinities in float64 and the code similarities in float32, also under bf16 autocast.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            loss = neighbor_loss(cfg.loss, x.float(), z.float(), cfg, generator)
     else:
-        loss = F.mse_loss(model.decode(z), x)
-    # NEIGHBOUR-LOSS HOOK: finetune.loss=tsne|umap will add recon_weight * loss + neighbour_loss(z, x) here.
+        loss = z.float().sum() * 0.0  # a lone leftover row has no neighbours
+    if cfg.recon_weight > 0:
+        loss = loss + cfg.recon_weight * reconstruction_loss(model, x, z, bce=False)
     return loss
 
 
@@ -200,7 +220,7 @@ class Trainer:
         if self.pre.method != "none" and self.pre.epochs > 0:
             for layer in range(self.model.depth):
                 out.append(Stage(len(out), "pretrain", layer, self.pre.epochs, self.pre.batch_size))
-        out.append(Stage(len(out), "finetune", None, self.fine.epochs, self.fine.batch_size))
+        out.append(Stage(len(out), "finetune", None, self.fine.epochs, self.fine.effective_batch_size))
         return out
 
     @property
@@ -313,7 +333,7 @@ class Trainer:
             n = xb.shape[0]
             if stage.kind == "finetune":
                 with self._autocast():
-                    loss = finetune_loss(m, xb, bce)
+                    loss = finetune_loss(m, xb, bce, self.fine, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -424,9 +444,13 @@ class Trainer:
         m.eval()
         total, count = 0.0, 0
         bce = self.fine.loss == "bce"
-        for xb in self.source.batches("val", 4096, shuffle=False):
+        fine = stage is not None and stage.kind == "finetune"
+        # A neighbour loss is validated on batches of the training size: its value depends on it.
+        size = self.fine.effective_batch_size if fine and self.fine.is_neighbor_loss else 4096
+        gen = torch.Generator(device=self.device).manual_seed(self.tc.seed)
+        for xb in self.source.batches("val", size, shuffle=False):
             if stage is None or stage.kind == "finetune":
-                loss = finetune_loss(m, xb, bce and stage is not None)
+                loss = finetune_loss(m, xb, bce and fine, self.fine if fine else None, gen)
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)

@@ -24,6 +24,14 @@ def test_presets_reproduce_the_talk():
     assert (mn.pretrain.epochs, mn.finetune.epochs) == (15, 5)
 
 
+@pytest.mark.parametrize("name", ["mnist_tsne", "tag_genome_tsne"])
+def test_tsne_presets_fine_tune_the_talks_stacks_with_large_batches(name):
+    cfg = load_config(preset=name)
+    base = load_config(preset=name.removesuffix("_tsne"))
+    assert cfg.model.layers == base.model.layers and cfg.pretrain == base.pretrain
+    assert cfg.finetune.loss == "tsne" and cfg.finetune.effective_batch_size >= 1000
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

@@ -41,3 +41,19 @@ def write_features(root: Path, x: np.ndarray, labels: np.ndarray | None = None, 
         items.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"item_id": ids, "label": labels.astype(np.int64)}), items / "part-0.parquet")
     return "file://" + str(feats)
+
+
+
+def clusters(n: int, dim: int, n_clusters: int = 10, seed: int = 0, nuisance_scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Tight clusters riding on a wide 2-D nuisance manifold, in [0,1]^dim, and the cluster labels.
+
+    Most of the variance is the nuisance (shared by all clusters), so a 2-D code fitted for
+    reconstruction spends itself on it and overlaps the clusters, while every item's nearest
+    neighbours in input space are of its own cluster.
+    """
+    rng = np.random.default_rng(seed)
+    nuisance = rng.uniform(-1, 1, (n, 2)) @ rng.normal(0, nuisance_scale, (2, dim))
+    centres = rng.normal(0, 1, (n_clusters, dim))
+    labels = rng.integers(0, n_clusters, n)
+    x = 1 / (1 + np.exp(-(nuisance + centres[labels] + rng.normal(0, 0.2, (n, dim)))))
+    return x.astype(np.float32), labels
