@@ -13,6 +13,8 @@ from pipelines.config import SOURCES, presets
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("jobs.ingest", "raw data -> validated Parquet feature vectors"),
     "train": ("jobs.train", "pretrain + fine-tune the autoencoder on features/, log to MLflow"),
+    "evaluate": ("jobs.evaluate", "score a trained map against PCA on the validation split, log to MLflow"),
+    "sweep": ("jobs.sweep", "grid or random search over config keys as MLflow child runs; print the best"),
 }
 
 

@@ -45,7 +45,13 @@ def manifest_hash(features_uri: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) -> dict:
+def run(
+    cfg: Config, resume: bool = False, checkpoint_dir: str | None = None, extra_tags: dict[str, str] | None = None
+) -> dict:
+    """Train, then (``evaluate.after_train``) evaluate into the same run; ``extra_tags`` go on the run
+    (``sae sweep`` sets ``mlflow.parentRunId`` there to make it a child run)."""
+    from sae_model.data import DataError
+    from sae_model.loading import Encoder
     from sae_model.tracking import git_commit
     from sae_model.trainer import MlflowSettings, TrainingError, train
 
@@ -63,6 +69,7 @@ def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) ->
             "data_manifest_hash": manifest_hash(features),
             "config_hash": cfg.hash(),
             "stage": "train",
+            **(extra_tags or {}),
         },
         config_text=cfg.to_yaml(),
     )
@@ -74,12 +81,21 @@ def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) ->
     except TrainingError as exc:
         raise ConfigError(str(exc)) from exc
     log.info("train done: run %s, model %s version %s", result.run_id, result.model_uri, result.model_version)
+    metrics = dict(result.metrics)
+    if cfg.evaluate.after_train and result.run_id and result.model is not None:
+        from jobs.evaluate import evaluate_and_log
+
+        try:
+            ev = evaluate_and_log(cfg, Encoder(result.model.cpu()), result.run_id, cfg.train.val_fraction)
+            metrics.update(ev["metrics"])
+        except DataError as exc:  # e.g. too few validation items: the model is still good
+            log.warning("evaluation after training skipped: %s", exc)
     return {
         "model_uri": result.model_uri,
         "run_id": result.run_id,
         "model_version": result.model_version,
         "checkpoint_dir": result.checkpoint_dir,
-        "metrics": result.metrics,
+        "metrics": metrics,
     }
 
 
