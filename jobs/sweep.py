@@ -80,7 +80,7 @@ def run(
     from sae_model.trainer import TrainingDiverged
 
     train_fn = train_fn or train.run
-    base = ([] if register else ["mlflow.registered_model="]) + list(overrides)
+    base = list(overrides) + ([] if register else ["mlflow.registered_model="])
     cfgs: list[Config] = [load_config(config_file, base + t, preset) for t in trials]  # fail fast on a bad key
     base_cfg = load_config(config_file, base, preset)
     mlflow.set_tracking_uri(train.tracking_uri(base_cfg))
