@@ -36,6 +36,7 @@ config keys (set in YAML or as dotted key=value overrides):
   finetune.*         epochs, lr, batch_size, loss (mse|bce|tsne|umap), recon_weight, neighbor_batch_size, ...
   train.*            seed, val_fraction, device (auto|cpu|cuda), ...
   infer.*            model_uri, k, metric, layer, method
+  evaluate.*         k_knn, k_tw, max_items, max_fit_items, seed, umap, after_train
   mlflow.*           tracking_uri, experiment, registered_model
   nightly.*          date, warm_start, metric, margin, align, align_scaling (sae nightly)
 presets (--preset): {presets}

@@ -47,8 +47,14 @@ def manifest_hash(features_uri: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) -> dict:
+def run(
+    cfg: Config, resume: bool = False, checkpoint_dir: str | None = None, extra_tags: dict[str, str] | None = None
+) -> dict:
+    """Train, then (``evaluate.after_train``) evaluate into the same run; ``extra_tags`` go on the run
+    (``sae sweep`` sets ``mlflow.parentRunId`` there to make it a child run)."""
+    from sae_model.data import DataError
     from sae_model.distributed import result_summary
+    from sae_model.loading import load_encoder
     from sae_model.tracking import git_commit
     from sae_model.trainer import MlflowSettings, TrainingError, train
 
@@ -66,6 +72,7 @@ def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) ->
             "data_manifest_hash": manifest_hash(features),
             "config_hash": cfg.hash(),
             "stage": "train",
+            **(extra_tags or {}),
         },
         config_text=cfg.to_yaml(),
     )
@@ -86,6 +93,14 @@ def run(cfg: Config, resume: bool = False, checkpoint_dir: str | None = None) ->
     except TrainingError as exc:
         raise ConfigError(str(exc)) from exc
     log.info("train done: run %s, model %s version %s", out["run_id"], out["model_uri"], out["model_version"])
+    if cfg.evaluate.after_train and out.get("run_id") and out.get("model_uri"):
+        from jobs.evaluate import evaluate_and_log
+
+        try:
+            ev = evaluate_and_log(cfg, load_encoder(out["model_uri"]), out["run_id"], cfg.train.val_fraction)
+            out["metrics"] = {**out.get("metrics", {}), **ev["metrics"]}
+        except DataError as exc:  # e.g. too few validation items: the model is still good
+            log.warning("evaluation after training skipped: %s", exc)
     return out
 
 

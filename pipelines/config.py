@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+from sae_model.config import EvaluateConfig, FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 
 
 def conf_dir() -> Path:
@@ -272,6 +272,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 

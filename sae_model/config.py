@@ -153,3 +153,30 @@ def _check_phase(name: str, epochs: int, lr: float, batch_size: int, allow_zero_
         raise ValueError(f"{name}.lr: must be > 0, got {lr}")
     if batch_size < 1:
         raise ValueError(f"{name}.batch_size: must be >= 1, got {batch_size}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Map-quality evaluation on the validation split (``sae evaluate``, and after training)."""
+
+    # k of the kNN label accuracy (or genre share) and of trustworthiness/continuity.
+    k_knn: int = 5
+    k_tw: int = 12
+    # The kNN and rank metrics are O(n^2): at most this many validation items (a seeded sample) are
+    # scored; the squared errors always use every validation item.
+    max_items: int = 2000
+    # PCA is fitted on at most this many training items (a seeded sample).
+    max_fit_items: int = 20000
+    seed: int = 0
+    # The UMAP baseline, when umap-learn is installed (an optional extra; skipped with a note if not).
+    umap: bool = False
+    # Evaluate at the end of `sae train`, into the same MLflow run.
+    after_train: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k_knn < 1 or self.k_tw < 1:
+            raise ValueError(f"evaluate.k_knn and evaluate.k_tw: must be >= 1, got {self.k_knn}, {self.k_tw}")
+        if self.max_items <= 2 * self.k_tw:
+            raise ValueError(f"evaluate.max_items: must exceed 2 * evaluate.k_tw = {2 * self.k_tw}, got {self.max_items}")
+        if self.max_fit_items < 1:
+            raise ValueError(f"evaluate.max_fit_items: must be >= 1, got {self.max_fit_items}")

@@ -104,3 +104,20 @@ def log_figures(history: list[dict[str, Any]], codes: np.ndarray | None, labels:
         if codes is not None and codes.shape[1] == 2 and len(codes):
             p = codes_scatter_png(codes, labels, Path(tmp) / "validation_codes.png", "validation codes")
             mlflow.log_artifact(str(p), "plots")
+
+
+def log_evaluation(run_id: str, metrics: dict[str, float], figure: Path | None, table: str) -> None:
+    """Log an evaluation into run ``run_id`` (open or finished): metrics, the table, the maps PNG."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for s in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[s : s + 500])
+    client.log_text(run_id, table + "\n", "evaluation/metrics.txt")
+    if figure is not None:
+        client.log_artifact(run_id, str(figure), "evaluation")
