@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml scripts/check_java.sh
 	@touch $@
 
 demo: setup
-	$(BIN)/sae ingest --config conf/local.yaml
+	$(BIN)/sae run --config conf/local.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
