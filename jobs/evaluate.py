@@ -79,7 +79,7 @@ def evaluate_and_log(cfg: Config, encoder: Any, run_id: str | None, val_fraction
         result = evaluate_model(encoder, features, items, val_fraction, cfg.evaluate, tmp)
         table = format_metrics_table(result.metrics)
         if run_id is None:
-            mlflow.set_experiment(cfg.mlflow.experiment)
+            tracking.use_experiment(cfg.mlflow.experiment)
             with mlflow.start_run(tags={"stage": "evaluate"}) as run:
                 run_id = run.info.run_id
                 mlflow.log_param("train.val_fraction", val_fraction)

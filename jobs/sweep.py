@@ -76,17 +76,15 @@ def run(
 
     from jobs import train
     from sae_model.data import DataError
-    from sae_model.tracking import git_commit
+    from sae_model.tracking import git_commit, use_experiment
     from sae_model.trainer import TrainingDiverged
 
     train_fn = train_fn or train.run
     base = list(overrides) + ([] if register else ["mlflow.registered_model="])
     cfgs: list[Config] = [load_config(config_file, base + t, preset) for t in trials]  # fail fast on a bad key
     base_cfg = load_config(config_file, base, preset)
-    mlflow.set_tracking_uri(train.tracking_uri(base_cfg))
+    exp_id = use_experiment(base_cfg.mlflow.experiment, train.tracking_uri(base_cfg))
     client = MlflowClient()
-    exp = client.get_experiment_by_name(base_cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(base_cfg.mlflow.experiment)
     name = name or time.strftime("sweep-%Y%m%dT%H%M%S", time.gmtime())
     parent = client.create_run(exp_id, run_name=name, tags={
         "stage": "sweep", "git_commit": git_commit(Path(__file__).resolve().parent.parent),

@@ -94,8 +94,12 @@ def run(
         raise ConfigError(str(exc)) from exc
     log.info("train done: run %s, model %s version %s", out["run_id"], out["model_uri"], out["model_version"])
     if cfg.evaluate.after_train and out.get("run_id") and out.get("model_uri"):
+        import mlflow
+
         from jobs.evaluate import evaluate_and_log
 
+        # Distributed training logged from other processes: this one has not pointed MLflow anywhere yet.
+        mlflow.set_tracking_uri(settings.tracking_uri)
         try:
             ev = evaluate_and_log(cfg, load_encoder(out["model_uri"]), out["run_id"], cfg.train.val_fraction)
             out["metrics"] = {**out.get("metrics", {}), **ev["metrics"]}

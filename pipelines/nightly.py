@@ -521,11 +521,13 @@ def step_report(spark: SparkSession | None, cfg: Config, state: NightState) -> d
     """The report to ``paths.root/reports/DATE.md`` and to a ``nightly-DATE`` MLflow run."""
     import mlflow
 
+    from sae_model.tracking import use_experiment
+
     text = report_text(state, cfg)
     path = local_path(cfg.paths.root) / "reports" / f"{state.date}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    use_experiment(cfg.mlflow.experiment)
     r = state.results
     metrics = {f"challenger_{k}": v for k, v in r["evaluate"]["challenger"].items()}
     metrics |= {f"champion_{k}": v for k, v in (r["evaluate"]["champion"] or {}).items()}

@@ -121,3 +121,33 @@ def log_evaluation(run_id: str, metrics: dict[str, float], figure: Path | None, 
     client.log_text(run_id, table + "\n", "evaluation/metrics.txt")
     if figure is not None:
         client.log_artifact(run_id, str(figure), "evaluation")
+
+
+def use_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """Make ``name`` the active experiment (created if missing) and return its id.
+
+    With a local sqlite store, a new experiment keeps its artefacts in ``mlartifacts/`` beside the
+    database instead of ``./mlruns`` of whichever process logs first: training ranks on executors,
+    the driver and ``sae evaluate`` must all find the same model files.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///") :])
+            location = (db.parent / "mlartifacts").absolute().as_uri()
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id

@@ -639,8 +639,7 @@ def train(
     from sae_model import tracking
     from sae_model.loading import log_model
 
-    mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
-    mlflow.set_experiment(mlflow_settings.experiment)
+    tracking.use_experiment(mlflow_settings.experiment, mlflow_settings.tracking_uri)
     trainer.callbacks.append(MlflowCallback())
     fresh = trainer.run_id is None
     with mlflow.start_run(run_id=trainer.run_id) as run:

@@ -3,10 +3,8 @@ and through Airflow itself when it is installed) and the Kubernetes CronJob mani
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import pytest
 import yaml
 
 from jobs import nightly_dag
@@ -32,15 +30,6 @@ def test_dag_step_commands_parse_with_the_cli():
     for step in STEPS:
         args = build_parser().parse_args(nightly_dag.command(step, "conf/local.yaml", "2024-01-02").split()[1:])
         assert args.step == [step] and args.overrides == ["nightly.date=2024-01-02"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("airflow") is None, reason="Apache Airflow (optional) not installed")
-def test_dag_imports_under_airflow():
-    assert nightly_dag.DAG is not None
-    dag = nightly_dag.dag
-    assert dag.dag_id == "sae_nightly" and [t.task_id for t in dag.topological_sort()] == STEPS
-    for step, upstream in nightly_dag.TASKS.items():
-        assert sorted(dag.get_task(step).upstream_task_ids) == upstream
 
 
 def test_kubernetes_cronjob_manifest():
