@@ -12,8 +12,7 @@ import sys
 import tempfile
 
 from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
-from pipelines.config import Config
-from pipelines.publish import is_local, local_path
+from pipelines.config import Config, tracking_uri
 
 DESCRIPTION = (
     "Score every item with a tracked model (default: models:/<registered>@champion, else the latest "
@@ -21,15 +20,6 @@ DESCRIPTION = (
 )
 
 
-def tracking_uri(cfg: Config) -> str:
-    """mlflow.tracking_uri, or the pipeline's own sqlite store under paths.root."""
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    if not is_local(cfg.paths.root):
-        raise SystemExit("mlflow.tracking_uri must be set when paths.root is not a local directory")
-    root = local_path(cfg.paths.root)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def run(cfg: Config, model_uri: str | None = None) -> dict:

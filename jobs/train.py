@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
-from pipelines.config import Config, ConfigError
+from pipelines.config import Config, ConfigError, tracking_uri
 from pipelines.publish import is_local, local_path, table_uri
 
 DESCRIPTION = "Pretrain layer by layer, fine-tune the unrolled autoencoder, log and register the model in MLflow."
@@ -30,14 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="default: <paths.root>/checkpoints/<config hash>/")
 
 
-def tracking_uri(cfg: Config) -> str:
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    if not is_local(cfg.paths.root):
-        raise ConfigError("mlflow.tracking_uri: must be set when paths.root is not a local path")
-    root = local_path(cfg.paths.root)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def manifest_hash(features_uri: str) -> str:

@@ -480,3 +480,16 @@ def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> None:
             _deep_merge(base[k], v)
         else:
             base[k] = v
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``mlflow.tracking_uri``, or the pipeline's own sqlite store under ``paths.root``."""
+    from pipelines.publish import is_local, local_path
+
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    if not is_local(cfg.paths.root):
+        raise ConfigError("mlflow.tracking_uri: must be set when paths.root is not a local directory")
+    root = local_path(cfg.paths.root)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"

@@ -30,8 +30,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.alignment import Alignment, procrustes
-from pipelines.config import Config
-from pipelines.publish import is_local, local_path, table_path, table_uri
+from pipelines.config import Config, tracking_uri
+from pipelines.publish import local_path, table_path, table_uri
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,6 @@ def night_date(cfg: Config) -> str:
     return cfg.nightly.date or dt.datetime.now(dt.UTC).date().isoformat()
 
 
-def tracking_uri(cfg: Config) -> str:
-    """mlflow.tracking_uri, or the pipeline's sqlite store under paths.root (as train/infer use)."""
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    if not is_local(cfg.paths.root):
-        raise NightlyError("mlflow.tracking_uri must be set when paths.root is not a local directory")
-    root = local_path(cfg.paths.root)
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def run_steps(
