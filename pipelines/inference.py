@@ -22,24 +22,25 @@ from pipelines.maps import write_maps
 from pipelines.neighbors import recall_at_k, top_k_neighbors
 from pipelines.publish import is_local, local_path, publishing, table_path
 from pipelines.schemas import CODES, FEATURES, NEIGHBORS, check_columns, conform
-from pipelines.scoring import ResolvedModel, score
+from pipelines.scoring import ResolvedModel, score_parquet
 
 log = logging.getLogger(__name__)
 
 
 def codes_table(
     spark: SparkSession,
-    features: DataFrame,
+    features_path: str,
     model: ResolvedModel,
     infer: InferConfig,
     scored_at: datetime,
     alignment: Alignment | None = None,
 ) -> DataFrame:
-    """The CODES table: item_id, code, x/y for 2-D codes, model provenance and scoring time.
+    """The CODES table of the Parquet table at ``features_path``: item_id, code, x/y for 2-D codes,
+    model provenance and scoring time.
 
     ``alignment`` (``pipelines.alignment``) is applied to the code before x/y are taken from it.
     """
-    scored = score(spark, features, model, layer=-1, batch_rows=infer.batch_size, threads=infer.torch_threads)
+    scored = score_parquet(spark, features_path, model, layer=-1, batch_rows=infer.batch_size, threads=infer.torch_threads)
     if alignment is not None:
         scored = scored.withColumn("code", aligned_code(F.col("code"), alignment))
     two_d = F.size("code") == 2
@@ -92,13 +93,13 @@ def predict_batch(
     measured anyway for ``grid``), map paths and timings.
     """
     t0 = time.perf_counter()
-    features = spark.read.parquet(table_path(root, "features"))
-    check_columns(features, FEATURES, "features")
+    features_path = table_path(root, "features")
+    check_columns(spark.read.parquet(features_path), FEATURES, "features")
     scored_at = datetime.now(UTC).replace(microsecond=0)
     summary: dict[str, Any] = {"model_uri": model.uri, "run_id": model.run_id, "model_version": model.version}
     with publishing(root, ["codes", "neighbors"], spark) as pub:
         codes_path = pub.staging("codes")
-        codes_table(spark, features, model, infer, scored_at, alignment).write.parquet(codes_path)
+        codes_table(spark, features_path, model, infer, scored_at, alignment).write.parquet(codes_path)
         codes = spark.read.parquet(codes_path)
         summary["items"] = codes.count()
         summary["code_width"] = len(codes.select("code").first()[0]) if summary["items"] else 0
@@ -106,7 +107,7 @@ def predict_batch(
         if infer.layer == -1:
             vectors = codes.select("item_id", "code")
         else:  # an intermediate layer: scored again, used for similarity only, not published
-            vectors = score(spark, features, model, layer=infer.layer, batch_rows=infer.batch_size, threads=infer.torch_threads)
+            vectors = score_parquet(spark, features_path, model, layer=infer.layer, batch_rows=infer.batch_size, threads=infer.torch_threads)
         t1 = time.perf_counter()
         nb, method = top_k_neighbors(
             spark,

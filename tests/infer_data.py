@@ -18,17 +18,24 @@ def write_inputs(root: Path, n: int = 600, dim: int = 24, seed: int = 0) -> np.n
     rng = np.random.default_rng(seed)
     x = rng.random((n, dim), dtype=np.float32)
     ids = np.arange(n, dtype=np.int64) * 7 + 1
-    col = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)), pa.array(x.ravel()))
+    col = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)), pa.array(x.ravel())
+    )
     (root / "features").mkdir(parents=True)
     (root / "items").mkdir(parents=True)
-    for part in range(2):  # two files, so Spark scores in more than one task
+    for part in range(2):  # two files of several row groups, so scoring runs as several tasks
         sl = slice(part * n // 2, (part + 1) * n // 2)
-        pq.write_table(pa.table({"item_id": ids[sl], "features": col[sl]}), root / "features" / f"part-{part}.parquet")
+        table = pa.table({"item_id": ids[sl], "features": col[sl]})
+        pq.write_table(table, root / "features" / f"part-{part}.parquet", row_group_size=max(1, n // 5))
+    (root / "features" / "_SUCCESS").touch()  # markers a reader must skip, as Spark's jobs leave them
+    (root / "features" / "_manifest.json").write_text("{}")
     titles = [f"Movie {i} ({1950 + i % 70})" for i in range(n)]
     titles[3] = "Toy Story (1995)"
     titles[4] = "Toy Story 2 (1999)"
     genres = ["|".join(GENRES[j] for j in sorted({i % 6, (i * 5) % 6})) for i in range(n)]
-    pq.write_table(pa.table({"item_id": ids, "title": titles, "genres": genres}), root / "items" / "part-0.parquet")
+    pq.write_table(
+        pa.table({"item_id": ids, "title": titles, "genres": genres}), root / "items" / "part-0.parquet"
+    )
     return x
 
 

@@ -6,7 +6,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipelines.scoring import resolve_model, score
+from pipelines.config import InferConfig
+from pipelines.inference import predict_batch
+from pipelines.scoring import parquet_row_groups, resolve_model, score, score_parquet
 from sae_model.loading import Encoder
 from tests.infer_data import log_test_model, write_inputs
 
@@ -26,14 +28,19 @@ def _by_id(df, n):
     return np.array([r.item_id for r in rows]), np.array([r.code for r in rows], dtype=np.float32)
 
 
+@pytest.mark.parametrize("route", ["dataframe", "parquet"])
 @pytest.mark.parametrize("layer", [-1, 2])
-def test_spark_scoring_equals_torch(spark, logged, layer):
+def test_spark_scoring_equals_torch(spark, logged, layer, route):
     tmp, x, model, info = logged
     # As the job does on a local master: artefacts downloaded once, workers load from disk.
-    resolved = resolve_model(info.model_uri, download_to=str(tmp / f"dl{layer}"))
-    features = spark.read.parquet(str(tmp / "root" / "features"))
+    resolved = resolve_model(info.model_uri, download_to=str(tmp / f"dl{layer}{route}"))
+    path = str(tmp / "root" / "features")
     # Batches of 64 rows: several Arrow batches per task, and a last batch that is not full.
-    ids, got = _by_id(score(spark, features, resolved, layer=layer, batch_rows=64), 500)
+    if route == "dataframe":
+        scored = score(spark, spark.read.parquet(path), resolved, layer=layer, batch_rows=64)
+    else:
+        scored = score_parquet(spark, path, resolved, layer=layer, batch_rows=64)
+    ids, got = _by_id(scored, 500)
     np.testing.assert_array_equal(ids, np.arange(500) * 7 + 1)
     want = Encoder(model).encode(x, layer=layer)
     assert got.shape == (500, 2 if layer == -1 else 8)
@@ -47,7 +54,11 @@ def test_default_and_alias_resolve_to_a_pinned_version(logged, tmp_path):
         assert r.uri == f"models:/sae/{info.registered_model_version}"
         assert r.run_id == info.run_id and r.version == str(info.registered_model_version)
     r = resolve_model(f"runs:/{info.run_id}/model", download_to=str(tmp_path))
-    assert r.run_id == info.run_id and r.local_dir and (tmp_path in __import__("pathlib").Path(r.local_dir).parents)
+    assert (
+        r.run_id == info.run_id
+        and r.local_dir
+        and (tmp_path in __import__("pathlib").Path(r.local_dir).parents)
+    )
     # No alias: the newest model logged in the experiment.
     r = resolve_model("", registered_model="no-such-model", experiment="sae")
     assert r.run_id == info.run_id
@@ -60,3 +71,48 @@ def test_scoring_rejects_wrong_width(spark, logged, tmp_path):
     df = spark.createDataFrame([(1, [0.5] * 3)], "item_id long, features array<float>")
     with pytest.raises(Exception, match="every vector must have 24 values"):
         score(spark, df, resolve_model(info.model_uri, download_to=str(tmp_path))).collect()
+
+
+def test_parquet_route_plans_every_row_group_of_the_pinned_version(logged, tmp_path):
+    tmp, _, _, _ = logged
+    # A published table is a link to a version directory; planning pins the version it saw.
+    link = tmp_path / "features"
+    link.symlink_to(tmp / "root" / "features")
+    fs_uri, groups = parquet_row_groups(str(link))
+    assert fs_uri.startswith("file://")
+    assert sum(g.rows for g in groups) == 500  # markers skipped
+    assert sorted(g.rows for g in groups) == [50, 50, 100, 100, 100, 100]  # 2 files of 100+100+50 rows
+    assert all(g.path.startswith(str(tmp / "root" / "features")) for g in groups)
+    assert parquet_row_groups("s3a://bucket/features") is None  # only Hadoop knows s3a: Spark reads it
+
+
+def test_parquet_route_rejects_wrong_width(spark, logged, tmp_path):
+    _, _, _, info = logged
+    spark.createDataFrame([(1, [0.5] * 3)], "item_id long, features array<float>").write.parquet(
+        str(tmp_path / "f")
+    )
+    with pytest.raises(Exception, match="every vector must have 24 values"):
+        score_parquet(
+            spark, str(tmp_path / "f"), resolve_model(info.model_uri, download_to=str(tmp_path / "m"))
+        ).collect()
+
+
+def test_rerunning_inference_with_the_same_model_reproduces_the_tables(spark, logged, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    tmp, _, _, info = logged
+    root = tmp_path / "root"
+    shutil.copytree(tmp / "root", root, symlinks=True)
+    model = resolve_model(info.model_uri, download_to=str(tmp_path / "m"))
+    infer = InferConfig(k=4, map_max_points=0, recall_sample=0)
+    tables = []
+    for _ in range(2):
+        predict_batch(spark, model, str(root), infer, log_maps=False)
+        codes = pq.read_table(root / "codes").to_pandas().drop(columns="scored_at").sort_values("item_id")
+        nb = pq.read_table(root / "neighbors").to_pandas().sort_values(["item_id", "rank"])
+        tables.append((codes.reset_index(drop=True), nb.reset_index(drop=True)))
+    assert len(tables[0][0]) == 500 and len(tables[0][1]) == 500 * 4
+    for first, second in zip(tables[0], tables[1], strict=True):
+        assert first.equals(second)
