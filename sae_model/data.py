@@ -114,7 +114,7 @@ def inspect_table(uri: str, expected_dim: int) -> TableInfo:
     return TableInfo(uri=uri, rows=rows, dim=dim, nbytes=rows * dim * 4, manifest=manifest)
 
 
-def _as_matrix(col: pa.ChunkedArray | pa.Array, dim: int, where: str) -> np.ndarray:
+def _as_matrix(col: pa.ChunkedArray | pa.Array, dim: int, where: str, check_finite: bool = True) -> np.ndarray:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     n = len(arr)
     if arr.null_count:
@@ -125,7 +125,7 @@ def _as_matrix(col: pa.ChunkedArray | pa.Array, dim: int, where: str) -> np.ndar
     values = arr.flatten()
     flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     m = flat.reshape(n, dim)
-    if not np.isfinite(m).all():
+    if check_finite and not np.isfinite(m).all():
         bad = int((~np.isfinite(m)).any(axis=1).sum())
         raise DataError(f"{where}: {bad} feature vectors contain NaN or Inf; fix or quarantine them in ingest")
     return m
@@ -197,6 +197,36 @@ class InMemorySource:
         return self.val_ids, self.val
 
 
+class _ArrowColumns:
+    """Petastorm's results-queue reader for batched Arrow reads, without its per-row list handling.
+
+    Petastorm 0.12 turns a list column into a pandas Series of per-row arrays and ``np.vstack``s
+    them, on the consumer thread and under the GIL: more time than the whole shuffle. A fixed-width
+    list<float> column is one contiguous value buffer, so it is viewed as an ``(n, d)`` matrix
+    instead (``_as_matrix``; no NaN check here: ``open_source`` scanned the table first). Installed by :func:`features_reader` only over the class it replaces.
+    """
+
+    batched_output = True
+
+    def read_next(self, workers_pool, schema, ngram):  # noqa: ANN001, ANN201 - Petastorm's interface
+        from petastorm.workers_pool import EmptyResultError
+
+        try:
+            table = workers_pool.get_results()
+        except EmptyResultError:
+            raise StopIteration from None
+        cols = {}
+        for name in table.column_names:
+            col = table.column(name)
+            if pa.types.is_list(col.type):
+                first = col.chunk(0) if col.num_chunks else pa.array([], col.type)
+                dim = len(first[0]) if len(first) else 0
+                cols[name] = _as_matrix(col, dim, f"{name} column", check_finite=False) if dim else np.zeros((0, 0), np.float32)
+            else:
+                cols[name] = col.to_numpy()
+        return schema.make_namedtuple(**cols)
+
+
 @contextmanager
 def features_reader(
     uri: str,
@@ -230,6 +260,10 @@ def features_reader(
         shard_count=shard_count,
         shard_seed=seed if shard_count else None,
     )
+    from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
+
+    if type(getattr(reader, "_results_queue_reader", None)) is ArrowReaderWorkerResultsQueueReader:
+        reader._results_queue_reader = _ArrowColumns()
     try:
         loader = BatchedDataLoader(
             reader, batch_size=batch_size, shuffling_queue_capacity=batch_size * 8 if shuffle else 0
@@ -282,9 +316,8 @@ class StreamingSource:
                 return
             for ids, x in it:
                 mask = torch.from_numpy(is_validation(ids.numpy(), self.val_fraction))
+                # No NaN check per batch: open_source scanned this (resolved, so pinned) table version.
                 keep = x[mask] if want_val else x[~mask]
-                if not torch.isfinite(keep).all():
-                    raise DataError(f"features table {self.uri}: a feature vector contains NaN or Inf")
                 pending.append(keep)
                 have += keep.shape[0]
                 while have >= batch_size:
