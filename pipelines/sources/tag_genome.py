@@ -164,7 +164,8 @@ def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id
     """The good lines of incomplete, duplicated or over-limit movies, re-assembled from their parsed
     fields as movieId,tagId,relevance (the aggregate does not carry the raw text; see aggregate_movies)."""
     over = F.lit(False) if max_id is None else F.col("complete") & (F.col("movie_id") > max_id)
-    tag_of = F.array(*[F.lit(t) for t in tag_ids])
+    # One SQL literal, not 1,128 F.lit() calls through Py4J (a third of a second per job).
+    tag_of = F.expr(f"array({','.join(str(int(t)) for t in tag_ids)})")
     unused = movies.filter(F.col("reason").isNull() & (~F.col("complete") | over)).select(
         "movie_id",
         over.alias("over"),
