@@ -121,7 +121,8 @@ def vector_summary(features: DataFrame, dim: int) -> dict[str, Any]:
     from pyspark.ml.stat import Summarizer
 
     width = F.coalesce(F.size("features"), F.lit(-1))
-    hole = F.exists("features", lambda v: v.isNull() | F.isnan(v))
+    # Not exists(lambda): higher-order functions are interpreted per element, these are compiled.
+    hole = (F.size(F.array_compact("features")) < F.size("features")) | F.array_contains("features", F.lit(float("nan")))
     row = features.agg(
         F.count("*").alias("n"),
         F.countDistinct("item_id").alias("ids"),

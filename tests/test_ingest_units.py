@@ -12,18 +12,26 @@ from pipelines.sources import InputError, mnist, synthetic
 from pipelines.sources import tag_genome as tg
 from pipelines.sources.csvfiles import check_header
 
-LINES = "movieId string, tagId string, relevance string, _corrupt_record string"
 TAG_IDS = [10, 20, 30]  # width 3; vector order follows tagId
 
 
 def _lines(spark, rows):
-    return spark.createDataFrame(rows, LINES)
+    """The rows as a genome-scores.csv file, read back by the job's own reader: a row is
+    (movieId, tagId, relevance, None) or, for a line of the wrong shape, (None, None, None, line)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "genome-scores.csv"
+    path.write_text("movieId,tagId,relevance\n" + "".join((r[3] if r[3] is not None else ",".join(r[:3])) + "\n" for r in rows))
+    return tg.read_scores(spark, str(path))
 
 
 def test_classify_gives_each_bad_line_its_reason(spark):
     rows = [
         ("1", "10", "0.5", None),
-        ("1", "2", None, "1,2"),  # too few fields
+        (None, None, None, "1,2"),  # too few fields
+        ("1", "30", '"0.25"', None),  # quoted
+        (" 2", "10 ", "0.5", None),  # blanks around fields
         ("x", "10", "0.5", None),
         ("1", "20", "abc", None),
         ("1", "20", "1.5", None),
@@ -34,6 +42,8 @@ def test_classify_gives_each_bad_line_its_reason(spark):
     assert sorted(got, key=str) == sorted(
         [
             (None, "1,10,0.5"),
+            (None, "1,30,0.25"),
+            (None, "2,10,0.5"),
             (tg.MALFORMED, "1,2"),
             (tg.BAD_ID, "x,10,0.5"),
             (tg.NON_NUMERIC, "1,20,abc"),
@@ -71,8 +81,9 @@ def test_pivot_orders_by_tag_id_and_quarantines_incomplete_and_duplicated_movies
     assert reasons == sorted([
         ("2,10,0.1", tg.INCOMPLETE), ("2,20,0.2", tg.INCOMPLETE),
         ("3,10,0.1", tg.INCOMPLETE), ("3,20,0.2", tg.DUPLICATE), ("3,20,0.25", tg.DUPLICATE),
-        ("4,20,7", tg.OUT_OF_RANGE), ("4,10,0.1", tg.INCOMPLETE), ("4,30,0.3", tg.INCOMPLETE),
+        ("4,20,7.0", tg.OUT_OF_RANGE), ("4,10,0.1", tg.INCOMPLETE), ("4,30,0.3", tg.INCOMPLETE),
     ])
+    # (a line rejected for its parsed values is re-assembled from them: "7" -> "7.0")
     # every line is either in a vector or in quarantine
     assert len(rows) == 3 * len(features) + len(quarantine)
     assert {r["source_file"] for r in quarantine} == {"scores.csv"}
@@ -160,3 +171,9 @@ def test_vector_summary_checks_widths_and_holes_and_gives_per_dimension_stats(sp
     bad = spark.createDataFrame([(1, [0.0, None, 1.0]), (2, [float("nan"), 0.5, 0.0]), (3, [0.5]), (4, None)], schema)
     s = vector_summary(bad, 3)
     assert (s["n"], s["min_w"], s["max_w"], s["holes"]) == (4, -1, 3, 2) and "stats" not in s
+
+
+def test_contiguous_tag_ids_take_the_arithmetic_path_with_the_same_answers(spark):
+    rows = [("5", "1", "0.1", None), ("5", "3", "0.3", None), ("5", "0", "0.5", None), ("5", "4", "0.5", None)]
+    got = {r["raw"]: (r["idx"], r["reason"]) for r in tg.classify_scores(_lines(spark, rows), [1, 2, 3], spark).collect()}
+    assert got == {"5,1,0.1": (0, None), "5,3,0.3": (2, None), "5,0,0.5": (None, tg.UNKNOWN_TAG), "5,4,0.5": (None, tg.UNKNOWN_TAG)}

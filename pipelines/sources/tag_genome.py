@@ -15,9 +15,10 @@ import logging
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines.sources import InputError, SourceResult, register
-from pipelines.sources.csvfiles import CORRUPT, check_header, find_file, read_csv_strings
+from pipelines.sources.csvfiles import CORRUPT, check_header, find_file, read_csv_strings, read_csv_typed
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,13 @@ SCORES_NAMES = ("genome-scores.csv", "genome_scores.csv")
 TAGS_NAMES = ("genome-tags.csv", "genome_tags.csv")
 MOVIES_NAMES = ("movies.csv", "movie.csv")
 SCORES_HEADER = ("movieId", "tagId", "relevance")
+SCORES_SCHEMA = T.StructType(
+    [
+        T.StructField("movieId", T.LongType()),
+        T.StructField("tagId", T.IntegerType()),
+        T.StructField("relevance", T.FloatType()),
+    ]
+)
 TAGS_HEADER = ("tagId", "tag")
 MOVIES_HEADER = ("movieId", "title", "genres")
 
@@ -58,12 +66,17 @@ def check(cfg) -> None:
 def read(spark: SparkSession, cfg) -> SourceResult:
     f = files(cfg.data.input)
     tags = load_tags(spark, f["tags"])
-    lines = read_csv_strings(spark, f["scores"], SCORES_HEADER)
+    lines = read_scores(spark, f["scores"])
     movies = read_csv_strings(spark, f["movies"], MOVIES_HEADER)
     return genome_result(spark, lines, tags, movies, f["scores"], cfg.data.limit, list(f.values()))
 
 
 register("tag_genome", check, read)
+
+
+def read_scores(spark: SparkSession, path: str) -> DataFrame:
+    """movieId long, tagId int, relevance float and ``_corrupt_record`` (see classify_scores)."""
+    return read_csv_typed(spark, path, SCORES_SCHEMA)
 
 
 # ---------------------------------------------------------------- the tag table (small, on the driver)
@@ -93,21 +106,40 @@ def load_tags(spark: SparkSession, path: str) -> list[tuple[int, str]]:
 
 
 def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -> DataFrame:
-    """String lines -> movie_id, idx (vector position), rel, raw, reason (null = good line)."""
-    index = spark.createDataFrame(
-        [(t, i) for i, t in enumerate(tag_ids)], "tag_id int, idx int"
-    )
+    """Typed lines (``read_scores``) -> movie_id, idx (vector position), rel, raw, reason (null = good).
+
+    A line the typed reader could not parse keeps its raw text; it is split again here (rare lines
+    only: the branch is evaluated for them alone) to tell a wrong field count from a bad id or a bad
+    relevance. Other rejected lines (out of range, unknown tag) are re-assembled from their parsed
+    fields as movieId,tagId,relevance, like the unused lines of incomplete movies."""
+    corrupt = F.col(CORRUPT).isNotNull()
+    fields = F.split(F.col(CORRUPT), ",")
+
+    def field(i: int, sql_type: str) -> F.Column:
+        return F.trim(F.trim(F.trim(fields[i]), F.lit('"'))).try_cast(sql_type)
+
+    three = F.size(fields) == 3
+    # try_cast: a no-op on the typed reader's columns; parses lines given as strings (synthetic).
+    movie_id = F.when(corrupt, F.when(three, field(0, "long"))).otherwise(F.col("movieId").try_cast("long"))
+    tag_id = F.when(corrupt, F.when(three, field(1, "int"))).otherwise(F.col("tagId").try_cast("int"))
+    rel = F.when(corrupt, F.when(three, field(2, "float"))).otherwise(F.col("relevance").try_cast("float"))
     parsed = lines.select(
-        F.expr("try_cast(trim(movieId) as long)").alias("movie_id"),
-        F.expr("try_cast(trim(tagId) as int)").alias("tag_id"),
-        F.expr("try_cast(trim(relevance) as float)").alias("rel"),
+        movie_id.alias("movie_id"),
+        tag_id.alias("tag_id"),
+        rel.alias("rel"),
         F.coalesce(F.col(CORRUPT), F.concat_ws(",", "movieId", "tagId", "relevance")).alias("raw"),
-        F.col(CORRUPT).isNotNull().alias("corrupt"),
-        F.col("relevance").isNull().alias("no_rel"),
+        (corrupt & ~three).alias("malformed"),
     )
-    joined = parsed.join(F.broadcast(index), "tag_id", "left")
+    first = tag_ids[0] if tag_ids else 0
+    if tag_ids == list(range(first, first + len(tag_ids))):
+        # The real releases number their tags 1..1128: the position is arithmetic, no join.
+        in_range = (F.col("tag_id") >= first) & (F.col("tag_id") < first + len(tag_ids))
+        joined = parsed.withColumn("idx", F.when(in_range, (F.col("tag_id") - first).cast("int")))
+    else:
+        index = spark.createDataFrame([(t, i) for i, t in enumerate(tag_ids)], "tag_id int, idx int")
+        joined = parsed.join(F.broadcast(index), "tag_id", "left")
     reason = (
-        F.when(F.col("corrupt") | F.col("no_rel"), F.lit(MALFORMED))
+        F.when(F.col("malformed"), F.lit(MALFORMED))
         .when(F.col("movie_id").isNull() | F.col("tag_id").isNull(), F.lit(BAD_ID))
         .when(F.col("rel").isNull(), F.lit(NON_NUMERIC))
         .when(~((F.col("rel") >= 0.0) & (F.col("rel") <= 1.0)), F.lit(OUT_OF_RANGE))  # NaN fails too
