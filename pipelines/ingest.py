@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,25 +61,34 @@ def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> di
     root = cfg.paths.root
     with publishing(root, TABLES + sorted(result.extra_tables), spark) as pub:
         features_dir = pub.staging("features")
+        # First and alone: this job materialises the source's cached aggregate the others read.
         # Not conform(): a cast cannot drop array<float>'s containsNull; null elements are counted below.
         result.features.select(F.col("item_id").cast("long"), "features").write.parquet(features_dir)
-        result.items.write.parquet(pub.staging("items"))
         quarantine_dir = pub.staging("quarantine")
-        conform(result.quarantine, QUARANTINE).write.parquet(quarantine_dir)
-        for name, df in result.extra_tables.items():
-            df.write.parquet(pub.staging(name))
-
+        frames = {"items": result.items, "quarantine": conform(result.quarantine, QUARANTINE), **result.extra_tables}
+        targets = {name: (df, pub.staging(name)) for name, df in frames.items()}
         written = spark.read.parquet(features_dir)
+        # The other tables and the checks of the written features are small jobs that each leave a
+        # core idle part of the time; submitted together, Spark runs them side by side.
+        with ThreadPoolExecutor(max_workers=len(targets) + 1, thread_name_prefix="ingest-write") as pool:
+            writes = [pool.submit(df.write.parquet, path) for df, path in targets.values()]
+            summary = pool.submit(vector_summary, written, len(result.feature_names))
+            for w in writes:
+                w.result()
+            summary_out = summary.result()
         quarantine_rows = spark.read.parquet(quarantine_dir).count()
-        manifest = build_manifest(written, result, cfg, quarantine_rows)
+        manifest = build_manifest(written, result, cfg, quarantine_rows, summary_out)
         write_text(spark, f"{features_dir}/_manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
-def build_manifest(features: DataFrame, result: SourceResult, cfg: Config, rows_quarantined: int) -> dict[str, Any]:
-    """Check the written features (fixed width, unique ids) and describe them."""
+def build_manifest(
+    features: DataFrame, result: SourceResult, cfg: Config, rows_quarantined: int, summary: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Check the written features (fixed width, unique ids) and describe them (``summary``: a
+    ``vector_summary`` of ``features`` already computed)."""
     dim = len(result.feature_names)
-    summary = vector_summary(features, dim)
+    summary = summary if summary is not None else vector_summary(features, dim)
     items_out = int(summary["n"])
     if items_out and (summary["min_w"] != dim or summary["max_w"] != dim):
         raise SchemaError(
