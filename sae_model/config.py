@@ -73,6 +73,10 @@ class FinetuneConfig:
     min_dist: float = 0.1
     spread: float = 1.0
     negative_sample_rate: int = 5
+    # Where tsne/umap affinities come from: "batch" = each batch's own rows (any size, streamed or
+    # distributed); "global" = an exact kNN graph of all training rows built once, batches made of
+    # anchors and their neighbours (in-memory, single-process training only; O(n^2) to build).
+    neighbor_graph: Literal["batch", "global"] = "batch"
 
     def __post_init__(self) -> None:
         _check_phase("finetune", self.epochs, self.lr, self.batch_size, allow_zero_epochs=True)

@@ -125,6 +125,41 @@ def tsne_loss(P: torch.Tensor, codes: torch.Tensor, dof: float = 1.0) -> torch.T
 
 
 @torch.no_grad()
+def umap_weights_from_knn(
+    knn_d: torch.Tensor, n_neighbors: int, tol: float = 1e-5, max_iter: int = 64
+) -> torch.Tensor:
+    """UMAP memberships exp(-max(0, d_ij - rho_i) / sigma_i) of each row's kNN distances (n, k, sorted).
+
+    rho_i is the nearest non-zero distance; sigma_i is bisected so that the row sums to
+    log2(n_neighbors) and floored as umap-learn does. Shared by the per-batch and global graphs.
+    """
+    n = knn_d.shape[0]
+    knn_d = knn_d.to(torch.float64)
+    # rho: nearest neighbour at a non-zero distance (duplicates would otherwise give rho = 0).
+    nonzero = knn_d > 0
+    rho = torch.where(nonzero, knn_d, torch.full_like(knn_d, math.inf)).min(dim=1).values
+    rho = torch.where(torch.isinf(rho), torch.zeros_like(rho), rho)
+    gap = (knn_d - rho[:, None]).clamp_min(0.0)
+    target = math.log2(n_neighbors)
+    lo = torch.zeros(n, dtype=torch.float64, device=knn_d.device)
+    hi = torch.full_like(lo, math.inf)
+    sigma = torch.ones_like(lo)
+    for _ in range(max_iter):
+        total = torch.exp(-gap / sigma[:, None]).sum(dim=1)
+        diff = total - target
+        if bool((diff.abs() < tol).all()):
+            break
+        too_big = diff > 0  # sum grows with sigma
+        hi = torch.where(too_big, sigma, hi)
+        lo = torch.where(too_big, lo, sigma)
+        sigma = torch.where(torch.isinf(hi), sigma * 2.0, (lo + hi) / 2.0)
+    mean_all = knn_d.mean()
+    floor = torch.where(rho > 0, _MIN_K_DIST_SCALE * knn_d.mean(dim=1), _MIN_K_DIST_SCALE * mean_all)
+    sigma = torch.maximum(sigma, floor)
+    return torch.exp(-gap / sigma[:, None])
+
+
+@torch.no_grad()
 def umap_memberships(
     x_batch: torch.Tensor, n_neighbors: int = 15, tol: float = 1e-5, max_iter: int = 64
 ) -> torch.Tensor:
@@ -144,29 +179,7 @@ def umap_memberships(
     eye = torch.eye(n, dtype=torch.bool, device=d2.device)
     d2 = d2.masked_fill(eye, math.inf)
     knn_d2, knn_idx = torch.topk(d2, k, dim=1, largest=False, sorted=True)
-    knn_d = knn_d2.sqrt()
-    # rho: nearest neighbour at a non-zero distance (duplicates would otherwise give rho = 0).
-    nonzero = knn_d > 0
-    rho = torch.where(nonzero, knn_d, torch.full_like(knn_d, math.inf)).min(dim=1).values
-    rho = torch.where(torch.isinf(rho), torch.zeros_like(rho), rho)
-    gap = (knn_d - rho[:, None]).clamp_min(0.0)
-    target = math.log2(min(n_neighbors, n))
-    lo = torch.zeros(n, dtype=torch.float64, device=d2.device)
-    hi = torch.full_like(lo, math.inf)
-    sigma = torch.ones_like(lo)
-    for _ in range(max_iter):
-        total = torch.exp(-gap / sigma[:, None]).sum(dim=1)
-        diff = total - target
-        if bool((diff.abs() < tol).all()):
-            break
-        too_big = diff > 0  # sum grows with sigma
-        hi = torch.where(too_big, sigma, hi)
-        lo = torch.where(too_big, lo, sigma)
-        sigma = torch.where(torch.isinf(hi), sigma * 2.0, (lo + hi) / 2.0)
-    mean_all = knn_d.mean()
-    floor = torch.where(rho > 0, _MIN_K_DIST_SCALE * knn_d.mean(dim=1), _MIN_K_DIST_SCALE * mean_all)
-    sigma = torch.maximum(sigma, floor)
-    weights = torch.exp(-gap / sigma[:, None])
+    weights = umap_weights_from_knn(knn_d2.sqrt(), min(n_neighbors, n), tol, max_iter)
     w = torch.zeros_like(d2.masked_fill(eye, 0.0))
     w.scatter_(1, knn_idx, weights)
     return w
@@ -272,6 +285,69 @@ def umap_loss(
         repel = F.softplus(-logit_q_complement(head[:, None].expand_as(neg), neg)).sum(dim=1)
         total = total + (w * repel).sum()
     return total / w.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled-edge forms, for a global graph (sae_model.neighbor_graph)
+# --------------------------------------------------------------------------------------------
+
+
+def tsne_edge_loss(z_head: torch.Tensor, z_tail: torch.Tensor, z_uniform: torch.Tensor, dof: float = 1.0) -> torch.Tensor:
+    """KL(P || Q) up to P's constant entropy, from edges sampled in proportion to p_ij.
+
+    KL = -sum_ij p_ij log k_ij + log sum_kl k_kl + const, with k the Student-t kernel: the first
+    term is the mean of -log k over the sampled edges; the normaliser is estimated from all pairs
+    of the uniformly drawn rows (the log of their mean kernel, scaled to all pairs; only the
+    gradient matters, and it is that of t-SNE's as the sample grows).
+    """
+    if z_head.shape != z_tail.shape or z_head.shape[0] == 0:
+        raise ValueError(f"z_head/z_tail: need the same non-empty shape, got {tuple(z_head.shape)}, {tuple(z_tail.shape)}")
+    m = z_uniform.shape[0]
+    if m < 2:
+        raise ValueError(f"z_uniform: the normaliser needs at least 2 rows, got {m}")
+    if dof <= 0:
+        raise ValueError(f"dof: must be > 0, got {dof}")
+    power = -(dof + 1.0) / 2.0
+    attract = -(power * torch.log1p(((z_head - z_tail) ** 2).sum(dim=-1) / dof)).mean()
+    log_kernel = power * torch.log1p(_code_sq_dists(z_uniform) / dof)
+    eye = torch.eye(m, dtype=torch.bool, device=z_uniform.device)
+    log_norm = torch.logsumexp(log_kernel.masked_fill(eye, -math.inf).reshape(-1), dim=0) - math.log(m * (m - 1))
+    return attract + log_norm
+
+
+def umap_edge_loss(
+    z_head: torch.Tensor,
+    z_tail: torch.Tensor,
+    z_negative: torch.Tensor,
+    a: float,
+    b: float,
+    negative_sample_rate: int = 5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """UMAP's cross-entropy from edges sampled in proportion to their membership (parametric UMAP).
+
+    Each edge attracts with -log q(head, tail) and its head is repelled from
+    ``negative_sample_rate`` rows drawn from ``z_negative`` with -log(1 - q); averaged over edges,
+    this is the expectation that :func:`umap_loss` computes for a batch's own graph.
+    """
+    if z_head.shape != z_tail.shape or z_head.shape[0] == 0:
+        raise ValueError(f"z_head/z_tail: need the same non-empty shape, got {tuple(z_head.shape)}, {tuple(z_tail.shape)}")
+    if negative_sample_rate < 0:
+        raise ValueError(f"negative_sample_rate: must be >= 0, got {negative_sample_rate}")
+    eps = torch.finfo(z_head.dtype).tiny ** 0.5
+
+    def log_a_d2b(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return math.log(a) + b * torch.log(((u - v) ** 2).sum(dim=-1).clamp_min(eps))
+
+    loss = F.softplus(log_a_d2b(z_head, z_tail)).mean()
+    if negative_sample_rate > 0 and z_negative.shape[0] > 0:
+        gen_device = generator.device if generator is not None else z_head.device
+        pick = torch.randint(
+            0, z_negative.shape[0], (z_head.shape[0], negative_sample_rate), generator=generator, device=gen_device
+        ).to(z_head.device)
+        repel = F.softplus(-log_a_d2b(z_head[:, None, :].expand(-1, negative_sample_rate, -1), z_negative[pick]))
+        loss = loss + repel.sum(dim=1).mean()
+    return loss
 
 
 # --------------------------------------------------------------------------------------------

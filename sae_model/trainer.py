@@ -32,7 +32,8 @@ from sae_model import checkpoint as ckpt
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
 from sae_model.model import StackedAutoencoder
-from sae_model.neighbor_loss import neighbor_loss
+from sae_model.neighbor_graph import GraphBatch, NeighbourGraph
+from sae_model.neighbor_loss import neighbor_loss, tsne_edge_loss, umap_ab, umap_edge_loss
 from sae_model.pretrain import autoencoder_step, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,31 @@ def finetune_loss(
     return loss
 
 
+def graph_loss(
+    model: StackedAutoencoder, x_train: torch.Tensor, batch: GraphBatch, cfg: FinetuneConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """The neighbour loss of one step on a global graph (sampled edges + uniform rows), and its row count.
+
+    Heads, tails and uniform rows go through the encoder in one pass; ``cfg.recon_weight`` adds the
+    MSE reconstruction of the uniform rows.
+    """
+    rows = torch.cat([batch.head, batch.tail, batch.uniform])
+    x = x_train[rows]
+    z = model.encode(x)
+    e = batch.head.numel()
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zf = z.float()
+        zh, zt, zu = zf[:e], zf[e : 2 * e], zf[2 * e :]
+        if cfg.loss == "tsne":
+            loss = tsne_edge_loss(zh, zt, zu, cfg.tsne_dof)
+        else:
+            a, b = umap_ab(cfg.min_dist, cfg.spread)
+            loss = umap_edge_loss(zh, zt, zu, a, b, cfg.negative_sample_rate, generator)
+    if cfg.recon_weight > 0:
+        loss = loss + cfg.recon_weight * reconstruction_loss(model, x[2 * e :], z[2 * e :], bce=False)
+    return loss, rows.numel()
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -212,6 +238,14 @@ class Trainer:
         self.progress = train_cfg.progress and sys.stderr.isatty()
         self.amp = train_cfg.mixed_precision and device.type == "cuda"
         self.distributed = world_size > 1
+        self.graph: NeighbourGraph | None = None
+        if finetune_cfg.is_neighbor_loss and finetune_cfg.neighbor_graph == "global":
+            if source.streaming or self.distributed:
+                raise ValueError(
+                    "finetune.neighbor_graph=global needs every training row in one process: the in-memory "
+                    "data path (raise train.in_memory_max_mb) and train.distributed.num_processes=1; "
+                    "use finetune.neighbor_graph=batch for streamed or distributed training"
+                )
 
     # ---- stages
 
@@ -315,6 +349,14 @@ class Trainer:
         total = math.ceil(n / stage.batch_size) if n else None
         return tqdm(it, total=total, desc=f"{stage.name} epoch", unit="batch", leave=False, file=sys.stderr)
 
+    def _graph(self) -> NeighbourGraph | None:
+        """The global neighbour graph, built on first use (and again after a resume: it is exact)."""
+        if self.graph is None and self.fine.is_neighbor_loss and self.fine.neighbor_graph == "global":
+            t0 = time.monotonic()
+            self.graph = NeighbourGraph(self.source.train, self.fine.loss, self.fine)
+            log.info("neighbour graph: %d edges in %.1fs", self.graph.weights.numel(), time.monotonic() - t0)
+        return self.graph
+
     def _autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
@@ -329,7 +371,17 @@ class Trainer:
         count = 0
         bce = self.fine.loss == "bce"
         opt = self.optimizer
-        for xb in self._batches(stage, seed):
+        graph = self._graph() if stage.kind == "finetune" else None
+        for xb in self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed):
+            if isinstance(xb, GraphBatch):
+                with self._autocast():
+                    loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().double() * n
+                count += n
+                continue
             n = xb.shape[0]
             if stage.kind == "finetune":
                 with self._autocast():

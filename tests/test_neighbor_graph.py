@@ -1,0 +1,121 @@
+"""The global kNN graph behind ``finetune.neighbor_graph=global``: exact neighbours, the same
+affinities as the per-batch maths when the graph spans everything, and anchor batches."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sae_model.neighbor_graph import NeighbourGraph, exact_knn, perplexity_rows
+from sae_model.neighbor_loss import tsne_affinities, tsne_edge_loss, tsne_loss, umap_edge_loss, umap_fuzzy_graph
+
+
+def _points(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_exact_knn_matches_brute_force_across_blocks():
+    x = _points(300, 7)
+    idx, d2 = exact_knn(x, 6, block=64)  # several blocks, one partial
+    full = torch.cdist(x.double(), x.double()) ** 2
+    full.fill_diagonal_(math.inf)
+    want_d2, want_idx = torch.sort(full, dim=1, stable=True)
+    assert torch.equal(idx, want_idx[:, :6])
+    torch.testing.assert_close(d2, want_d2[:, :6])
+    assert not (idx == torch.arange(300)[:, None]).any()  # never itself
+    with pytest.raises(ValueError, match="k"):
+        exact_knn(x[:5], 5)
+
+
+def test_perplexity_rows_hit_the_perplexity_by_hand():
+    # Two neighbours at squared distances 0 and 1: P = (1, e^-b)/(1 + e^-b); perplexity 1.5 pins b.
+    p = perplexity_rows(torch.tensor([[0.0, 1.0]], dtype=torch.float64), 1.5)
+    entropy = -(p * p.log()).sum()
+    assert float(entropy) == pytest.approx(math.log(1.5), abs=1e-6)
+    assert float(p.sum()) == pytest.approx(1.0)
+    assert p[0, 0] > p[0, 1]
+
+
+def test_graph_over_all_rows_equals_the_batch_affinities():
+    """With every other row a neighbour, the global graph is the per-batch maths over all rows."""
+    x = _points(40, 5, seed=1)
+    tsne = NeighbourGraph(x, "tsne", SimpleNamespace(perplexity=13.0))  # 3 x 13 = 39 neighbours = all
+    p = tsne.joint.to_dense().double()
+    torch.testing.assert_close(p / p.sum(), tsne_affinities(x.double(), 13.0), rtol=1e-5, atol=1e-9)
+    umap = NeighbourGraph(x, "umap", SimpleNamespace(n_neighbors=8))
+    torch.testing.assert_close(umap.joint.to_dense().double(), umap_fuzzy_graph(x.double(), 8), rtol=1e-6, atol=1e-9)
+
+
+def test_edges_are_drawn_in_proportion_to_their_affinity_and_seeded():
+    x = _points(60, 4, seed=2)
+    g = NeighbourGraph(x, "umap", SimpleNamespace(n_neighbors=6))
+    batches = list(g.batches(4000, seed=7))
+    assert len(batches) == 1 and batches[0].head.numel() == 2000 and batches[0].uniform.numel() == 60
+    again = next(iter(g.batches(4000, seed=7)))
+    assert torch.equal(again.head, batches[0].head) and torch.equal(again.tail, batches[0].tail)
+    assert not torch.equal(next(iter(g.batches(4000, seed=8))).head, batches[0].head)
+    dense = g.joint.to_dense().double()
+    assert (dense[batches[0].head, batches[0].tail] > 0).all()  # only real edges
+    counts = torch.zeros_like(dense)
+    for b in g.batches(200_000, seed=1):
+        counts.index_put_((b.head, b.tail), torch.ones(b.head.numel(), dtype=counts.dtype), accumulate=True)
+    share, want = counts / counts.sum(), dense / dense.sum()
+    # L1 distance of 100,000 draws from the affinities (~0.05 by chance), far from drawing edges uniformly.
+    uniform_edges = (dense > 0).double() / (dense > 0).sum()
+    assert float((share - want).abs().sum()) < 0.08 < 0.15 < float((uniform_edges - want).abs().sum())
+    assert len(list(g.batches(25, seed=0))) == math.ceil(60 / 25)  # an epoch: n / batch_size steps
+
+
+def test_global_graph_refuses_streamed_training(tmp_path):
+    import numpy as np
+
+    from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+    from sae_model.trainer import MlflowSettings, train
+    from tests.train_data import write_features
+
+    write_features(tmp_path, np.random.default_rng(0).random((60, 8), dtype=np.float32))
+    fine = FinetuneConfig(epochs=1, loss="umap", neighbor_graph="global", n_neighbors=5)
+    with pytest.raises(ValueError, match="finetune.neighbor_graph=global"):
+        train(ModelConfig(layers=[8, 2]), PretrainConfig(method="none"), fine, TrainConfig(progress=False, in_memory_max_mb=0),
+              "file://" + str(tmp_path / "features"), None, MlflowSettings("", enabled=False), tmp_path / "ck")
+
+
+def test_tsne_edge_loss_is_the_kl_when_edges_follow_p_exactly():
+    """Edges listed in proportion to an integer-valued P and every row as the uniform sample: the
+    sampled form equals KL(P || Q) minus P's entropy term and the log pair count."""
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.5], [-0.5, 2.0], [3.0, -1.0]], dtype=torch.float64)
+    counts = {(0, 1): 3, (1, 0): 3, (1, 2): 1, (2, 1): 1, (2, 3): 2, (3, 2): 2, (0, 3): 1, (3, 0): 1}
+    P = torch.zeros(4, 4, dtype=torch.float64)
+    head, tail = [], []
+    for (i, j), c in counts.items():
+        P[i, j] = c
+        head += [i] * c
+        tail += [j] * c
+    P /= P.sum()
+    for dof in (1.0, 2.5):
+        got = tsne_edge_loss(codes[head], codes[tail], codes, dof)
+        want = tsne_loss(P, codes, dof) - torch.special.xlogy(P, P).sum() - math.log(4 * 3)
+        torch.testing.assert_close(got, want)
+
+
+def test_tsne_edge_loss_by_hand():
+    zh, zt = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])  # d^2 = 2
+    zu = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # one pair, d^2 = 1, both orders
+    # -log k(2) + log k(1) with k(d2) = 1 / (1 + d2): log 3 - log 2.
+    assert float(tsne_edge_loss(zh, zt, zu)) == pytest.approx(math.log(3) - math.log(2))
+    with pytest.raises(ValueError, match="z_uniform"):
+        tsne_edge_loss(zh, zt, zu[:1])
+
+
+def test_umap_edge_loss_by_hand():
+    a, b = 1.5, 0.8
+    zh, zt = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 2.0]])  # d^2 = 4
+    q_pos = 1.0 / (1.0 + a * 4.0**b)
+    assert float(umap_edge_loss(zh, zt, zt, a, b, 0)) == pytest.approx(-math.log(q_pos))
+    far = torch.tensor([[3.0, 0.0]])  # the only negative: d^2 = 9, drawn 3 times
+    q_neg = 1.0 / (1.0 + a * 9.0**b)
+    got = umap_edge_loss(zh, zt, far, a, b, 3, generator=torch.Generator().manual_seed(0))
+    assert float(got) == pytest.approx(-math.log(q_pos) - 3 * math.log(1.0 - q_neg))
