@@ -143,3 +143,12 @@ def test_gpu_discovery_reports_none_when_nvidia_smi_fails(tmp_path):
         check=True, capture_output=True, text=True,
     ).stdout
     assert json.loads(out) == {"name": "gpu", "addresses": []}
+
+
+def test_shell_scripts_pass_shellcheck():
+    # shellcheck comes with `make setup` (scripts/setup_system.sh); a missing one fails here, not skips.
+    root = DOCKER.parent
+    scripts = sorted([*root.glob("docker/*.sh"), *root.glob("scripts/*.sh"), root / ".ci" / "run"])
+    assert DISCOVERY in scripts and len(scripts) >= 5
+    r = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
