@@ -6,6 +6,13 @@ Same model (1128-1000-500-250-2), same rows, same core count: prints rows/s of S
 job's Parquet route and the generic DataFrame route) and of in-process torch batch inference
 (reading the same Parquet, and, as a ceiling, encoding rows already in memory), and the ratio
 (target >= 0.7). Then times the neighbour table for 2-D codes at each size and prints recall.
+
+    .venv/bin/python benchmarks/bench_infer.py --rows 200000 --neighbors "" --layers 784,1000,500,250,2 \
+        --rows-from /tmp/mnist_split.npz
+
+scores real held-out MNIST images (``x_val`` of ``bench_tsne_mnist.py --dump-split``, repeated up
+to ``--rows``) with the MNIST stack, the rows that ``bench_tsne_mnist.py --umap-only
+--transform-rows`` gives to ``UMAP.transform`` (issue 9 compares the two rates).
 """
 
 from __future__ import annotations
@@ -54,11 +61,17 @@ def _timed_noop(df) -> float:  # noqa: ANN001
     return time.perf_counter() - t
 
 
-def bench_scoring(spark, tmp: Path, rows: int, cores: int, batch: int) -> None:  # noqa: ANN001
+def bench_scoring(spark, tmp: Path, rows: int, cores: int, batch: int, layers: list[int], rows_from: str | None) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = StackedAutoencoder(LAYERS)
+    model = StackedAutoencoder(layers)
     model_dir = str(save_model(model, tmp / "model"))
-    x = np.random.default_rng(0).random((rows, LAYERS[0]), dtype=np.float32)
+    if rows_from:
+        src = np.load(rows_from)["x_val"].astype(np.float32)
+        if src.shape[1] != layers[0]:
+            raise SystemExit(f"--rows-from: rows are {src.shape[1]} wide, --layers start at {layers[0]}")
+        x = np.resize(src, (rows, layers[0]))  # repeated in order up to --rows
+    else:
+        x = np.random.default_rng(0).random((rows, layers[0]), dtype=np.float32)
     raw = tmp / "raw"
     raw.mkdir()
     for p, chunk in enumerate(np.array_split(np.arange(rows), 2 * cores)):
@@ -76,14 +89,15 @@ def bench_scoring(spark, tmp: Path, rows: int, cores: int, batch: int) -> None: 
     t = time.perf_counter()  # in-process batch inference: read the same Parquet, encode every row
     for f in files:
         for b in pq.ParquetFile(f).iter_batches(batch_size=batch, columns=["item_id", "features"]):
-            enc.encode(matrix(b.column("features"), LAYERS[0]))
+            enc.encode(matrix(b.column("features"), layers[0]))
     torch_rps = rows / (time.perf_counter() - t)
-    xs = pq.read_table(feats).column("features").combine_chunks().flatten().to_numpy().reshape(rows, LAYERS[0])
+    xs = pq.read_table(feats).column("features").combine_chunks().flatten().to_numpy().reshape(rows, layers[0])
     t = time.perf_counter()  # the encoding alone, rows already in memory: a ceiling no reader reaches
     for s in range(0, rows, batch):
         enc.encode(xs[s : s + batch])
     encode_rps = rows / (time.perf_counter() - t)
-    print(f"scoring {rows:,} rows of {LAYERS[0]} floats on {cores} cores, rows/s:")
+    what = f"rows of {rows_from} repeated" if rows_from else "random rows"
+    print(f"scoring {rows:,} {what}, {'-'.join(map(str, layers))}, on {cores} cores, rows/s:")
     print(f"  spark, row groups read by the Python workers (the job's route) {spark_rps:>9,.0f}")
     print(f"  spark, DataFrame through the JVM's Arrow conversion            {spark_df_rps:>9,.0f}")
     print(f"  in-process torch, reading the same Parquet and encoding        {torch_rps:>9,.0f}")
@@ -114,12 +128,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16384)
     ap.add_argument("--neighbors", default="10000,100000,1000000", help="comma-separated sizes ('' = skip)")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--layers", default=",".join(map(str, LAYERS)), help="the model's layer widths")
+    ap.add_argument("--rows-from", help="an .npz whose x_val rows are scored (repeated up to --rows)")
     args = ap.parse_args()
+    layers = [int(v) for v in args.layers.split(",")]
     spark = spark_session(args.cores)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if args.rows:
-                bench_scoring(spark, Path(tmp), args.rows, args.cores, args.batch)
+                bench_scoring(spark, Path(tmp), args.rows, args.cores, args.batch, layers, args.rows_from)
             for n in [int(s) for s in args.neighbors.split(",") if s]:
                 bench_neighbors(spark, Path(tmp), n, args.k)
     finally:

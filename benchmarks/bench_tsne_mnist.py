@@ -100,6 +100,9 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
         neighbor_batch_size=args.nb_batch,
         perplexity=args.perplexity,
         recon_weight=args.recon_weight if neighbour else 0.0,
+        neighbor_graph=args.graph,
+        weight_decay=args.nb_weight_decay if neighbour else 0.0,
+        n_neighbors=args.n_neighbors,
     )
     pre = PretrainConfig(method=args.pretrain, epochs=args.pre_epochs, lr=0.05 if args.pretrain == "autoencoder" else 0.1)
     tc = TrainConfig(seed=0, val_fraction=args.val_fraction, progress=False, auto_resume=False)
@@ -108,13 +111,20 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
         r = train(ModelConfig(layers=[784, 1000, 500, 250, 2]), pre, fine, tc,
                   "file://" + str(root / "features"), None, MlflowSettings("", enabled=False), ck)
     seconds = time.perf_counter() - t0
-    _, _, x_val, y_val = load(root, args.val_fraction)
+    x_tr, y_tr, x_val, y_val = load(root, args.val_fraction)
+    seen = np.random.default_rng(0).choice(len(x_tr), size=min(len(x_tr), len(x_val)), replace=False)
     with torch.no_grad():
-        codes = r.model.cpu().eval().encode(torch.from_numpy(x_val)).numpy()
+        model = r.model.cpu().eval()
+        codes = model.encode(torch.from_numpy(x_val)).numpy()
+        seen_codes = model.encode(torch.from_numpy(x_tr[seen])).numpy()
+    # The same measures on as many training items: the gap to the held-out ones is overfitting.
+    on_train = {f"train_{k}": v for k, v in scores(x_tr[seen], y_tr[seen], seen_codes).items()}
     out = {"method": f"sae/{loss}", "train_seconds": seconds, "pre_epochs": args.pre_epochs,
-           "finetune_epochs": fine.epochs, "optimizer": fine.optimizer, "lr": fine.lr, **scores(x_val, y_val, codes)}
+           "finetune_epochs": fine.epochs, "optimizer": fine.optimizer, "lr": fine.lr,
+           **scores(x_val, y_val, codes), **on_train}
     if neighbour:
-        out.update(batch=args.nb_batch, recon_weight=fine.recon_weight)
+        out.update(batch=args.nb_batch, recon_weight=fine.recon_weight, graph=args.graph,
+                   perplexity=args.perplexity, n_neighbors=args.n_neighbors)
     return out
 
 
@@ -131,8 +141,16 @@ def run_umap(root: Path, args: argparse.Namespace) -> dict[str, float] | None:
     fit = time.perf_counter() - t0
     t1 = time.perf_counter()
     codes = reducer.transform(x_val)
-    return {"method": "umap-learn", "train_seconds": fit, "transform_seconds": time.perf_counter() - t1,
-            **sklearn_scores(x_val, y_val, codes)}
+    out = {"method": "umap-learn", "train_seconds": fit, "transform_seconds": time.perf_counter() - t1,
+           **sklearn_scores(x_val, y_val, codes)}
+    if args.transform_rows:
+        # Warm (numba compiled by the call above): the held-out rows repeated, as bench_infer.py --rows-from.
+        rows = np.resize(x_val, (args.transform_rows, x_val.shape[1]))
+        t2 = time.perf_counter()
+        reducer.transform(rows)
+        out["transform_rows"] = args.transform_rows
+        out["transform_rows_per_s"] = args.transform_rows / (time.perf_counter() - t2)
+    return out
 
 
 def main() -> None:
@@ -142,6 +160,7 @@ def main() -> None:
     p.add_argument("--umap-only", action="store_true")
     p.add_argument("--split", type=Path, default=Path("/tmp/mnist_split.npz"), help="for --umap-only")
     p.add_argument("--dump-split", type=Path, help="write the train/validation arrays for --umap-only and stop")
+    p.add_argument("--transform-rows", type=int, default=0, help="--umap-only: also time UMAP.transform on this many rows")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--pretrain", default="autoencoder")
     p.add_argument("--pre-epochs", type=int, default=3)
@@ -153,6 +172,9 @@ def main() -> None:
     p.add_argument("--nb-batch", type=int, default=1000)
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--recon-weight", type=float, default=0.0)
+    p.add_argument("--nb-weight-decay", type=float, default=0.0)
+    p.add_argument("--graph", default="batch", choices=["batch", "global"], help="finetune.neighbor_graph")
+    p.add_argument("--n-neighbors", type=int, default=15, help="finetune.n_neighbors (umap)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
