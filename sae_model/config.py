@@ -58,6 +58,9 @@ class FinetuneConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     batch_size: int = 100
     weight_decay: float = 0.0
+    # Learning rate over the fine-tuning epochs: constant, or decayed per epoch from lr towards 0
+    # (linear, as UMAP's optimiser; or cosine). Set from the epoch number, so a resume continues it.
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
     loss: Literal["mse", "bce", "tsne", "umap"] = "mse"
     # Weight of the reconstruction term when loss is a neighbour loss (tsne/umap).
     recon_weight: float = 0.0

@@ -279,6 +279,15 @@ class Trainer:
             lr *= self.pre.rbm_linear_lr_scale
         return make_optimizer(params, c.optimizer, lr, c.momentum, c.weight_decay)
 
+    def _decay_lr(self, stage: Stage, epoch: int) -> None:
+        """finetune.lr_decay: this epoch's rate, a function of the epoch alone (resume-safe)."""
+        if stage.kind != "finetune" or self.fine.lr_decay == "none":
+            return
+        t = epoch / stage.epochs
+        factor = 1.0 - t if self.fine.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.fine.lr * factor
+
     # ---- checkpoints
 
     def _state(self) -> dict[str, Any]:
@@ -533,6 +542,7 @@ class Trainer:
                 cb.on_stage_start(self, stage)
             for epoch in range(first, stage.epochs):
                 t0 = time.monotonic()
+                self._decay_lr(stage, epoch)
                 train_loss = self.train_epoch(stage, epoch)
                 val_loss = self.evaluate(stage)
                 # No validation rows (train.val_fraction=0) gives a NaN validation loss: not a divergence.
