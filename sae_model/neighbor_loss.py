@@ -240,6 +240,12 @@ def umap_ab(min_dist: float = 0.1, spread: float = 1.0) -> tuple[float, float]:
     return float(params[0]), float(params[1])
 
 
+def _log_a_d2b(u: torch.Tensor, v: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """z = log(a |u - v|^(2b)), so that -log q = softplus(z) and -log(1 - q) = softplus(-z)."""
+    eps = torch.finfo(u.dtype).tiny ** 0.5  # coincident codes: a large but finite loss
+    return math.log(a) + b * torch.log(((u - v) ** 2).sum(dim=-1).clamp_min(eps))
+
+
 def umap_loss(
     graph: torch.Tensor,
     codes: torch.Tensor,
@@ -267,12 +273,9 @@ def umap_loss(
     if head.numel() == 0:
         raise ValueError("graph: no edges")
     w = graph[head, tail]
-    eps = torch.finfo(codes.dtype).tiny ** 0.5
 
     def logit_q_complement(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        # z = log(a d^(2b)); -log q = softplus(z) and -log(1 - q) = softplus(-z).
-        d2 = ((codes[i] - codes[j]) ** 2).sum(dim=-1).clamp_min(eps)
-        return math.log(a) + b * torch.log(d2)
+        return _log_a_d2b(codes[i], codes[j], a, b)
 
     attract = F.softplus(logit_q_complement(head, tail))
     total = (w * attract).sum()
@@ -334,18 +337,13 @@ def umap_edge_loss(
         raise ValueError(f"z_head/z_tail: need the same non-empty shape, got {tuple(z_head.shape)}, {tuple(z_tail.shape)}")
     if negative_sample_rate < 0:
         raise ValueError(f"negative_sample_rate: must be >= 0, got {negative_sample_rate}")
-    eps = torch.finfo(z_head.dtype).tiny ** 0.5
-
-    def log_a_d2b(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return math.log(a) + b * torch.log(((u - v) ** 2).sum(dim=-1).clamp_min(eps))
-
-    loss = F.softplus(log_a_d2b(z_head, z_tail)).mean()
+    loss = F.softplus(_log_a_d2b(z_head, z_tail, a, b)).mean()
     if negative_sample_rate > 0 and z_negative.shape[0] > 0:
         gen_device = generator.device if generator is not None else z_head.device
         pick = torch.randint(
             0, z_negative.shape[0], (z_head.shape[0], negative_sample_rate), generator=generator, device=gen_device
         ).to(z_head.device)
-        repel = F.softplus(-log_a_d2b(z_head[:, None, :].expand(-1, negative_sample_rate, -1), z_negative[pick]))
+        repel = F.softplus(-_log_a_d2b(z_head[:, None, :].expand(-1, negative_sample_rate, -1), z_negative[pick], a, b))
         loss = loss + repel.sum(dim=1).mean()
     return loss
 
