@@ -33,6 +33,13 @@ def test_tsne_presets_fine_tune_the_talks_stacks(name):
     assert cfg.finetune.loss == "tsne" and cfg.finetune.effective_batch_size >= 50 * cfg.finetune.perplexity
 
 
+def test_umap_preset_uses_the_global_graph_on_the_mnist_stack():
+    cfg, base = load_config(preset="mnist_umap"), load_config(preset="mnist")
+    assert cfg.model.layers == base.model.layers and cfg.pretrain == base.pretrain
+    assert (cfg.finetune.loss, cfg.finetune.neighbor_graph) == ("umap", "global")
+    assert cfg.train.distributed.num_processes == 1  # the global graph needs one process
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
