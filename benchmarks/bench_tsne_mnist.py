@@ -122,7 +122,8 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
         lr_decay=args.nb_lr_decay if neighbour else "none",
         n_neighbors=args.n_neighbors,
     )
-    pre = PretrainConfig(method=args.pretrain, epochs=args.pre_epochs, lr=0.05 if args.pretrain == "autoencoder" else 0.1)
+    pre = PretrainConfig(method=args.pretrain, epochs=args.pre_epochs, lr=0.05 if args.pretrain == "autoencoder" else 0.1,
+                         weight_decay=args.pre_weight_decay)
     tc = TrainConfig(seed=0, val_fraction=args.val_fraction, progress=False, auto_resume=False)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as ck:
@@ -138,6 +139,7 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
     # The same measures on as many training items: the gap to the held-out ones is overfitting.
     on_train = {f"train_{k}": v for k, v in scores(x_tr[seen], y_tr[seen], seen_codes).items()}
     out = {"method": f"sae/{loss}", "train_seconds": seconds, "pre_epochs": args.pre_epochs,
+           "pre_weight_decay": pre.weight_decay,
            "finetune_epochs": fine.epochs, "optimizer": fine.optimizer, "lr": fine.lr,
            **scores(x_val, y_val, codes), **on_train}
     if neighbour:
@@ -183,6 +185,7 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--pretrain", default="autoencoder")
     p.add_argument("--pre-epochs", type=int, default=3)
+    p.add_argument("--pre-weight-decay", type=float, default=0.0, help="pretrain.weight_decay (Hinton's RBMs: 0.0002)")
     p.add_argument("--recon-epochs", type=int, default=8)
     p.add_argument("--recon-lr", type=float, default=0.01)
     p.add_argument("--recon-optimizer", default="sgd", choices=["sgd", "adam"])
