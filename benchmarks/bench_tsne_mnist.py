@@ -45,6 +45,11 @@ images, sampled edges + uniform rows per step), same pretraining, batch 500, Ada
     sae/umap, n_neighbors 15, 60 ep                     0.821     0.884      0.857 / 0.901      62
     sae/umap, n_neighbors 15, 250 ep                    0.909     0.917                        176
     sae/umap, n_neighbors 15, 800 ep                    0.914     0.929      0.950 / 0.953     502
+    sae/umap, 400 ep, --nb-lr-decay linear              0.888     0.911      0.937 / 0.948     236
+    sae/umap, same, --recon-weight 1                    0.886     0.917      0.919 / 0.944     340
+    sae/umap, 500 ep, --nb-weight-decay 1e-5            0.908     0.926      0.941 / 0.947     308
+    sae/umap, 250 ep, --pre-weight-decay 0.0005         0.897     0.921      0.929 / 0.941     161
+    sae/tsne, 400 ep, --nb-lr-decay linear              0.895     0.919      0.943 / 0.953     266
     umap-learn 0.5.12 (--umap-only, same split)         0.927     0.949                         50   (fit)
 
 On its training items the 800-epoch parametric UMAP map is as good as umap-learn's held-out one;
