@@ -150,5 +150,5 @@ def test_shell_scripts_pass_shellcheck():
     root = DOCKER.parent
     scripts = sorted([*root.glob("docker/*.sh"), *root.glob("scripts/*.sh"), root / ".ci" / "run"])
     assert DISCOVERY in scripts and len(scripts) >= 5
-    r = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
+    r = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
