@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from sae_model.neighbor_loss import umap_weights_from_knn
+from sae_model.neighbor_loss import perplexity_rows, umap_weights_from_knn
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +59,6 @@ def _rowwise_d2(x64: torch.Tensor, idx: torch.Tensor, block: int = 4096) -> torc
     return out
 
 
-@torch.no_grad()
-def perplexity_rows(knn_d2: torch.Tensor, perplexity: float, tol: float = 1e-6, max_iter: int = 200) -> torch.Tensor:
-    """t-SNE's P(j|i) over each row's kNN (n, k), bisecting the Gaussian precision to the perplexity."""
-    k = knn_d2.shape[1]
-    target = math.log(max(1.0, min(float(perplexity), float(k))))
-    d = knn_d2 - knn_d2[:, :1]  # shift by the nearest: same P, no underflow
-    beta = 1.0 / d.mean(dim=1).clamp_min(1e-12)
-    lo, hi = torch.zeros_like(beta), torch.full_like(beta, math.inf)
-    p = torch.exp(-d * beta[:, None])
-    for _ in range(max_iter):
-        p = torch.exp(-d * beta[:, None])
-        sum_p = p.sum(dim=1)
-        entropy = torch.log(sum_p) + beta * (d * p).sum(dim=1) / sum_p
-        diff = entropy - target
-        if bool((diff.abs() < tol).all()):
-            break
-        too_flat = diff > 0
-        lo = torch.where(too_flat, beta, lo)
-        hi = torch.where(too_flat, hi, beta)
-        beta = torch.where(torch.isinf(hi), beta * 2.0, (lo + hi) / 2.0)
-    return p / p.sum(dim=1, keepdim=True)
-
-
 class NeighbourGraph:
     """Sparse symmetric affinities of all training rows and the anchor batches drawn from them."""
 
@@ -99,7 +76,7 @@ class NeighbourGraph:
         log.info("neighbour graph: exact %d-NN of %d training rows", k, n)
         knn_idx, knn_d2 = exact_knn(x, k)
         if kind == "tsne":
-            rows = perplexity_rows(knn_d2, float(cfg.perplexity))
+            rows = perplexity_rows(knn_d2, max(1.0, min(float(cfg.perplexity), float(k))))
         else:
             rows = umap_weights_from_knn(knn_d2.sqrt(), int(cfg.n_neighbors))
         self.knn_idx, self.row_weights = knn_idx, rows  # directed rows: what anchors draw from

@@ -51,32 +51,26 @@ def effective_perplexity(perplexity: float, n: int) -> float:
 
 
 @torch.no_grad()
-def tsne_conditional_affinities(
-    x_batch: torch.Tensor, perplexity: float, tol: float = 1e-6, max_iter: int = 200
-) -> torch.Tensor:
-    """Row-stochastic P(j|i) with a Gaussian kernel whose bandwidth matches the perplexity.
+def perplexity_rows(d2: torch.Tensor, perplexity: float, tol: float = 1e-6, max_iter: int = 200) -> torch.Tensor:
+    """Row-stochastic P(j|i) = exp(-beta_i d2_ij) / sum_j, each row's entropy matched to log(perplexity).
 
-    The precision beta_i = 1/(2 sigma_i^2) of each row is found by a bisection (doubling until
-    bracketed) run for all rows at once, until |H_i - log(perplexity)| < tol (entropy in nats).
-    Returns float64 on x's device, zero diagonal, rows summing to 1.
+    ``d2``: squared distances per row, +inf where j is no candidate (a dense batch's diagonal):
+    a dense (n, n) matrix or the (n, k) block of each row's kNN. The precision beta_i = 1/(2 sigma_i^2)
+    is found by a bisection (doubling until bracketed) run for all rows at once, until
+    |H_i - log(perplexity)| < tol (entropy in nats); the perplexity is used as given (callers clamp it).
     """
-    n = x_batch.shape[0]
-    if n < 2:
-        raise ValueError(f"x_batch: t-SNE affinities need at least 2 items, got {n}")
-    target = math.log(effective_perplexity(perplexity, n))
-    d = _sq_dists64(x_batch)
-    eye = torch.eye(n, dtype=torch.bool, device=d.device)
-    d = d.masked_fill(eye, math.inf)
+    target = math.log(perplexity)
+    candidate = torch.isfinite(d2)
     # Shift each row by its smallest distance: P is unchanged and exp() cannot underflow to 0/0.
-    d = d - d.min(dim=1, keepdim=True).values
-    finite = d.masked_fill(eye, 0.0)
-    mean_d = finite.sum(dim=1) / (n - 1)
+    d = d2 - d2.min(dim=1, keepdim=True).values
+    finite = d.masked_fill(~candidate, 0.0)
+    mean_d = finite.sum(dim=1) / candidate.sum(dim=1)
     beta = 1.0 / mean_d.clamp_min(1e-12)
     lo = torch.zeros_like(beta)
     hi = torch.full_like(beta, math.inf)
     p = torch.empty_like(d)
     for _ in range(max_iter):
-        p = torch.exp(-d * beta[:, None])  # diagonal: exp(-inf) = 0
+        p = torch.exp(-d * beta[:, None])  # no candidate: exp(-inf) = 0
         sum_p = p.sum(dim=1)
         entropy = torch.log(sum_p) + beta * (finite * p).sum(dim=1) / sum_p
         diff = entropy - target
@@ -87,6 +81,22 @@ def tsne_conditional_affinities(
         hi = torch.where(too_flat, hi, beta)
         beta = torch.where(torch.isinf(hi), beta * 2.0, (lo + hi) / 2.0)
     return p / p.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def tsne_conditional_affinities(
+    x_batch: torch.Tensor, perplexity: float, tol: float = 1e-6, max_iter: int = 200
+) -> torch.Tensor:
+    """Row-stochastic P(j|i) of a batch with a Gaussian kernel whose bandwidth matches the perplexity.
+
+    See :func:`perplexity_rows`; the perplexity is clamped to the batch (:func:`effective_perplexity`).
+    Returns float64 on x's device, zero diagonal, rows summing to 1.
+    """
+    n = x_batch.shape[0]
+    if n < 2:
+        raise ValueError(f"x_batch: t-SNE affinities need at least 2 items, got {n}")
+    d = _sq_dists64(x_batch).masked_fill(torch.eye(n, dtype=torch.bool, device=x_batch.device), math.inf)
+    return perplexity_rows(d, effective_perplexity(perplexity, n), tol, max_iter)
 
 
 @torch.no_grad()

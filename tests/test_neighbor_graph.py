@@ -9,8 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sae_model.neighbor_graph import NeighbourGraph, exact_knn, perplexity_rows
-from sae_model.neighbor_loss import tsne_affinities, tsne_edge_loss, tsne_loss, umap_edge_loss, umap_fuzzy_graph
+from sae_model.neighbor_graph import NeighbourGraph, exact_knn
+from sae_model.neighbor_loss import (
+    perplexity_rows,
+    tsne_affinities,
+    tsne_edge_loss,
+    tsne_loss,
+    umap_edge_loss,
+    umap_fuzzy_graph,
+)
 
 
 def _points(n: int, dim: int, seed: int = 0) -> torch.Tensor:
