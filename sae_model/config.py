@@ -77,8 +77,8 @@ class FinetuneConfig:
     spread: float = 1.0
     negative_sample_rate: int = 5
     # Where tsne/umap affinities come from: "batch" = each batch's own rows (any size, streamed or
-    # distributed); "global" = an exact kNN graph of all training rows built once, batches made of
-    # anchors and their neighbours (in-memory, single-process training only; O(n^2) to build).
+    # distributed); "global" = an exact kNN graph of all training rows built once, each step sampling
+    # edges by affinity plus uniform rows (in-memory, single-process training only; O(n^2) to build).
     neighbor_graph: Literal["batch", "global"] = "batch"
 
     def __post_init__(self) -> None:
@@ -103,6 +103,10 @@ class FinetuneConfig:
     @property
     def is_neighbor_loss(self) -> bool:
         return self.loss in ("tsne", "umap")
+
+    @property
+    def uses_global_graph(self) -> bool:
+        return self.is_neighbor_loss and self.neighbor_graph == "global"
 
     @property
     def effective_batch_size(self) -> int:

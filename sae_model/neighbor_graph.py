@@ -28,6 +28,7 @@ from sae_model.neighbor_loss import perplexity_rows, umap_weights_from_knn
 
 log = logging.getLogger(__name__)
 
+
 @torch.no_grad()
 def exact_knn(x: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (n, k) and squared distances (n, k, float64) of each row's k nearest other rows.
@@ -47,26 +48,21 @@ def exact_knn(x: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor,
         d2[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = math.inf
         idx[s:e] = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
     x64 = x.reshape(n, -1).to(torch.float64)
-    d2 = ((x64[:, None, :] - x64[idx]) ** 2).sum(dim=-1) if n * k * x64.shape[1] <= 2**26 else _rowwise_d2(x64, idx)
+    d2 = torch.empty(idx.shape, dtype=torch.float64, device=x.device)
+    for s in range(0, n, block):  # blocks keep the (block, k, d) differences small
+        d2[s : s + block] = ((x64[s : s + block, None, :] - x64[idx[s : s + block]]) ** 2).sum(dim=-1)
     d2, order = torch.sort(d2, dim=1, stable=True)
     return idx.gather(1, order), d2
 
 
-def _rowwise_d2(x64: torch.Tensor, idx: torch.Tensor, block: int = 4096) -> torch.Tensor:
-    out = torch.empty(idx.shape, dtype=torch.float64, device=x64.device)
-    for s in range(0, idx.shape[0], block):
-        out[s : s + block] = ((x64[s : s + block, None, :] - x64[idx[s : s + block]]) ** 2).sum(dim=-1)
-    return out
-
-
 class NeighbourGraph:
-    """Sparse symmetric affinities of all training rows and the anchor batches drawn from them."""
+    """Sparse symmetric affinities of all training rows and the edge-sampled batches drawn from them."""
 
     def __init__(self, x: torch.Tensor, kind: Literal["tsne", "umap"], cfg: Any) -> None:
         n = x.shape[0]
         if n < 3:
             raise ValueError(f"finetune.neighbor_graph=global: needs at least 3 training rows, got {n}")
-        self.kind, self.n, self.device = kind, n, x.device
+        self.n, self.device = n, x.device
         if kind == "tsne":
             k = min(n - 1, max(1, int(math.ceil(3 * float(cfg.perplexity)))))
         elif kind == "umap":
@@ -79,21 +75,19 @@ class NeighbourGraph:
             rows = perplexity_rows(knn_d2, max(1.0, min(float(cfg.perplexity), float(k))))
         else:
             rows = umap_weights_from_knn(knn_d2.sqrt(), int(cfg.n_neighbors))
-        self.knn_idx, self.row_weights = knn_idx, rows  # directed rows: what anchors draw from
         head = torch.arange(n, device=x.device).repeat_interleave(k)
-        a = torch.sparse_coo_tensor(torch.stack([head, knn_idx.reshape(-1)]), rows.reshape(-1), (n, n), check_invariants=True
-        ).coalesce()
+        pairs = torch.stack([head, knn_idx.reshape(-1)])
+        a = torch.sparse_coo_tensor(pairs, rows.reshape(-1), (n, n), check_invariants=True).coalesce()
         at = a.t().coalesce()
         if kind == "tsne":
-            joint = ((a + at) * 0.5).coalesce()  # renormalised per batch, so the 1/n is left out
+            joint = ((a + at) * 0.5).coalesce()  # edges are drawn in proportion: no 1/n needed
         else:
             joint = (a + at - a * at).coalesce()  # fuzzy union
         self.joint = joint
-        self.edges = joint.indices()
-        self.weights = joint.values()
+        self.n_edges = joint.values().numel()
         # Cumulative weights on the CPU: edges are drawn by a binary search, for any number of edges.
-        self._head, self._tail = self.edges[0].cpu(), self.edges[1].cpu()
-        self._cum = torch.cumsum(self.weights.to(torch.float64).cpu(), dim=0)
+        self._head, self._tail = joint.indices().cpu()
+        self._cum = torch.cumsum(joint.values().to(torch.float64).cpu(), dim=0)
 
     def batches(self, batch_size: int, seed: int) -> Iterator[GraphBatch]:
         """One epoch: ceil(n / batch_size) steps of ``batch_size // 2`` edges and as many uniform rows.

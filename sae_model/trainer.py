@@ -239,7 +239,7 @@ class Trainer:
         self.amp = train_cfg.mixed_precision and device.type == "cuda"
         self.distributed = world_size > 1
         self.graph: NeighbourGraph | None = None
-        if finetune_cfg.is_neighbor_loss and finetune_cfg.neighbor_graph == "global":
+        if finetune_cfg.uses_global_graph:
             if source.streaming or self.distributed:
                 raise ValueError(
                     "finetune.neighbor_graph=global needs every training row in one process: the in-memory "
@@ -360,10 +360,10 @@ class Trainer:
 
     def _graph(self) -> NeighbourGraph | None:
         """The global neighbour graph, built on first use (and again after a resume: it is exact)."""
-        if self.graph is None and self.fine.is_neighbor_loss and self.fine.neighbor_graph == "global":
+        if self.graph is None and self.fine.uses_global_graph:
             t0 = time.monotonic()
             self.graph = NeighbourGraph(self.source.train, self.fine.loss, self.fine)
-            log.info("neighbour graph: %d edges in %.1fs", self.graph.weights.numel(), time.monotonic() - t0)
+            log.info("neighbour graph: %d edges in %.1fs", self.graph.n_edges, time.monotonic() - t0)
         return self.graph
 
     def _autocast(self) -> Any:
@@ -382,24 +382,18 @@ class Trainer:
         opt = self.optimizer
         graph = self._graph() if stage.kind == "finetune" else None
         for xb in self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed):
-            if isinstance(xb, GraphBatch):
-                with self._autocast():
-                    loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach().double() * n
-                count += n
-                continue
-            n = xb.shape[0]
             if stage.kind == "finetune":
                 with self._autocast():
-                    loss = finetune_loss(m, xb, bce, self.fine, gen)
+                    if isinstance(xb, GraphBatch):  # row indices of sampled edges and uniform rows
+                        loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
+                    else:
+                        loss, n = finetune_loss(m, xb, bce, self.fine, gen), xb.shape[0]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 loss = loss.detach()
             else:
+                n = xb.shape[0]
                 x = inputs_for_layer(m, xb, stage.layer)
                 if self.pre.method == "rbm":
                     loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen)

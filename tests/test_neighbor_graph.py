@@ -1,5 +1,6 @@
 """The global kNN graph behind ``finetune.neighbor_graph=global``: exact neighbours, the same
-affinities as the per-batch maths when the graph spans everything, and anchor batches."""
+affinities as the per-batch maths when the graph spans everything, edge-sampled batches, and
+the sampled-edge losses."""
 
 from __future__ import annotations
 
