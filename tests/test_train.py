@@ -16,7 +16,7 @@ import torch
 
 from sae_model import checkpoint as ckpt
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
-from sae_model.data import DataError, is_validation
+from sae_model.data import DataError, batches_from_row_groups, is_validation
 from sae_model.evaluation import knn_accuracy
 from sae_model.trainer import (
     EXIT_AFTER_ENV,
@@ -101,6 +101,37 @@ def test_pretraining_beats_random_init_for_a_deep_sigmoid_net(data_root, tmp_pat
     baseline = run("none", 1.0)
     pretrained = run(method, 3.0 if method == "autoencoder" else 0.3)
     assert pretrained < 0.25 * baseline, (pretrained, baseline)
+
+
+def _groups(sizes: list[int], dim: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+    out, start = [], 0
+    for n in sizes:
+        ids = np.arange(start, start + n, dtype=np.int64)
+        out.append((ids, np.repeat(ids[:, None], dim, axis=1).astype(np.float32)))  # each row holds its id
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_streaming_batches_serve_every_kept_row_once_in_exact_batches(shuffled):
+    groups = _groups([7, 50, 1, 33, 21])
+    keep = lambda ids: ids % 5 != 0  # noqa: E731 - a stand-in for the validation split
+    gen = torch.Generator().manual_seed(3) if shuffled else None
+    batches = list(batches_from_row_groups(iter(groups), keep, 8, gen, window_rows=40 if shuffled else 8))
+    assert [len(b) for b in batches] == [8] * 11 + [1]  # 89 of 112 rows kept
+    served = torch.cat(batches)[:, 0].long()
+    assert (served[:, None] == torch.cat(batches)[:, 1:].long()).all()  # rows stay whole
+    expect = [i for i in range(112) if i % 5]
+    assert sorted(served.tolist()) == expect
+    if shuffled:
+        assert served.tolist() != expect
+        again = torch.cat(list(batches_from_row_groups(iter(groups), keep, 8, torch.Generator().manual_seed(3), 40)))
+        assert torch.equal(again[:, 0].long(), served)  # the same seed, the same order
+        # Mixing reaches across row groups: some batch holds rows of at least three of them.
+        bounds = np.cumsum([7, 50, 1, 33, 21])
+        assert max(len(set(np.searchsorted(bounds, b[:, 0].numpy(), side="right"))) for b in batches) >= 3
+    else:
+        assert served.tolist() == expect  # natural order, like the in-memory path
 
 
 def test_in_memory_and_streaming_agree(data_root, tmp_path):
