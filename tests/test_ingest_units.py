@@ -171,6 +171,10 @@ def test_vector_summary_checks_widths_and_holes_and_gives_per_dimension_stats(sp
     bad = spark.createDataFrame([(1, [0.0, None, 1.0]), (2, [float("nan"), 0.5, 0.0]), (3, [0.5]), (4, None)], schema)
     s = vector_summary(bad, 3)
     assert (s["n"], s["min_w"], s["max_w"], s["holes"]) == (4, -1, 3, 2) and "stats" not in s
+    s = vector_summary(bad.unionByName(good), 3)  # some good vectors: still no statistics for a bad table
+    assert (s["n"], s["holes"]) == (7, 2) and "stats" not in s
+    s = vector_summary(good.filter("item_id > 9"), 3)
+    assert (s["n"], s["ids"], s["holes"]) == (0, 0, 0) and "stats" not in s
 
 
 def test_contiguous_tag_ids_take_the_arithmetic_path_with_the_same_answers(spark):
