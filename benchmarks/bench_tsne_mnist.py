@@ -126,6 +126,7 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
         weight_decay=args.nb_weight_decay if neighbour else 0.0,
         lr_decay=args.nb_lr_decay if neighbour else "none",
         n_neighbors=args.n_neighbors,
+        corruption=args.corruption if neighbour else 0.0,
     )
     pre = PretrainConfig(method=args.pretrain, epochs=args.pre_epochs, lr=0.05 if args.pretrain == "autoencoder" else 0.1,
                          weight_decay=args.pre_weight_decay)
@@ -149,7 +150,7 @@ def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]
            **scores(x_val, y_val, codes), **on_train}
     if neighbour:
         out.update(batch=args.nb_batch, recon_weight=fine.recon_weight, graph=args.graph, lr_decay=fine.lr_decay,
-                   weight_decay=fine.weight_decay,
+                   weight_decay=fine.weight_decay, corruption=fine.corruption,
                    perplexity=args.perplexity, n_neighbors=args.n_neighbors)
     return out
 
@@ -203,6 +204,7 @@ def main() -> None:
     p.add_argument("--nb-lr-decay", default="none", choices=["none", "linear", "cosine"])
     p.add_argument("--graph", default="batch", choices=["batch", "global"], help="finetune.neighbor_graph")
     p.add_argument("--n-neighbors", type=int, default=15, help="finetune.n_neighbors (umap)")
+    p.add_argument("--corruption", type=float, default=0.0, help="finetune.corruption (masking noise on the encoder input)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

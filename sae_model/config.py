@@ -64,6 +64,9 @@ class FinetuneConfig:
     loss: Literal["mse", "bce", "tsne", "umap"] = "mse"
     # Weight of the reconstruction term when loss is a neighbour loss (tsne/umap).
     recon_weight: float = 0.0
+    # Fraction of the encoder's inputs zeroed in each fine-tuning step (0 = none); the targets
+    # (reconstruction, neighbour affinities or graph) stay those of the clean inputs.
+    corruption: float = 0.0
     # Batch size of fine-tuning with a neighbour loss: the affinities are computed within each batch,
     # so it must be large (van der Maaten 2009 used 5,000); batch_size applies to mse/bce only.
     neighbor_batch_size: int = 2000
@@ -85,6 +88,8 @@ class FinetuneConfig:
         _check_phase("finetune", self.epochs, self.lr, self.batch_size, allow_zero_epochs=True)
         if self.recon_weight < 0:
             raise ValueError(f"finetune.recon_weight: must be >= 0, got {self.recon_weight}")
+        if not 0.0 <= self.corruption < 1.0:
+            raise ValueError(f"finetune.corruption: must be in [0, 1), got {self.corruption}")
         if self.neighbor_batch_size < 2:
             raise ValueError(f"finetune.neighbor_batch_size: must be >= 2, got {self.neighbor_batch_size}")
         if self.perplexity <= 0:

@@ -150,12 +150,20 @@ def reconstruction_loss(model: StackedAutoencoder, x: torch.Tensor, z: torch.Ten
     return F.mse_loss(model.decode(z), x)
 
 
+def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``x`` with each entry zeroed with probability ``fraction`` (masking noise); ``x`` itself at 0."""
+    if fraction <= 0:
+        return x
+    return x * (torch.rand(x.shape, device=x.device, generator=generator) >= fraction)
+
+
 def finetune_loss(
     model: StackedAutoencoder,
     x: torch.Tensor,
     bce: bool,
     cfg: FinetuneConfig | None = None,
     generator: torch.Generator | None = None,
+    train: bool = True,
 ) -> torch.Tensor:
     """The fine-tuning objective of one batch.
 
@@ -163,8 +171,9 @@ def finetune_loss(
     codes against affinities computed from the batch's own inputs (nothing outside the batch is
     needed, so a streamed table is never collected), plus ``cfg.recon_weight`` x the MSE
     reconstruction error so that the decoder stays usable; the decoder is not run at weight 0.
+    In training steps the encoder sees ``cfg.corruption`` masking noise; the targets stay clean.
     """
-    z = model.encode(x)
+    z = model.encode(corrupt(x, cfg.corruption, generator) if cfg is not None and train else x)
     if cfg is None or cfg.loss not in NEIGHBOUR_LOSSES:
         return reconstruction_loss(model, x, z, bce)
     if x.shape[0] >= 2:
@@ -183,12 +192,13 @@ def graph_loss(
 ) -> tuple[torch.Tensor, int]:
     """The neighbour loss of one step on a global graph (sampled edges + uniform rows), and its row count.
 
-    Heads, tails and uniform rows go through the encoder in one pass; ``cfg.recon_weight`` adds the
-    MSE reconstruction of the uniform rows.
+    Heads, tails and uniform rows go through the encoder in one pass (with ``cfg.corruption`` masking
+    noise; the graph is the clean rows'); ``cfg.recon_weight`` adds the MSE reconstruction of the
+    uniform rows.
     """
     rows = torch.cat([batch.head, batch.tail, batch.uniform])
     x = x_train[rows]
-    z = model.encode(x)
+    z = model.encode(corrupt(x, cfg.corruption, generator))
     e = batch.head.numel()
     with torch.autocast(device_type=z.device.type, enabled=False):
         zf = z.float()
@@ -464,7 +474,8 @@ class Trainer:
                 continue
             if stage.kind == "finetune":
                 with self._autocast():
-                    loss = finetune_loss(m, xb, bce)
+                    # Neighbour losses: affinities within this rank's part of the global batch.
+                    loss = finetune_loss(m, xb, bce, self.fine, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 sync()
@@ -505,7 +516,7 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.tc.seed)
         for xb in self.source.batches("val", size, shuffle=False):
             if stage is None or stage.kind == "finetune":
-                loss = finetune_loss(m, xb, bce and fine, self.fine if fine else None, gen)
+                loss = finetune_loss(m, xb, bce and fine, self.fine if fine else None, gen, train=False)
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)

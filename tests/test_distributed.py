@@ -98,3 +98,25 @@ def test_two_processes_resume_a_one_process_checkpoint_to_the_same_loss(spark, d
     assert [h["stage_name"] for h in hist] == [h["stage_name"] for h in ckpt.load_meta(tmp_path / "straight")["history"]]
     a, b = straight.metrics["val_sq_error_per_item"], resumed["metrics"]["val_sq_error_per_item"]
     assert b == pytest.approx(a, rel=REL_TOL)
+
+
+def test_two_processes_fine_tune_with_the_neighbour_loss(spark, data_root, tmp_path):
+    # Each rank computes t-SNE affinities within its half of every global batch; the loss reported
+    # must be that KL divergence, not the reconstruction error (both losses on this data differ ~50x).
+    import dataclasses
+
+    off = MlflowSettings("", enabled=False)
+    tsne = dataclasses.replace(FINE, loss="tsne", lr=0.01, optimizer="adam", neighbor_batch_size=100, perplexity=5)
+    args = dict(kwargs(data_root, tmp_path / "one", off), pretrain_cfg=dataclasses.replace(PRE, epochs=1), finetune_cfg=tsne)
+    train(**args)
+    two = dict(args, checkpoint_dir=str(tmp_path / "two"))
+    run_distributed(spark, DistributedConfig(num_processes=2, local_mode=True), two)
+    fine1 = [h for h in ckpt.load_meta(tmp_path / "one")["history"] if h["stage_name"] == "finetune"]
+    fine2 = [h for h in ckpt.load_meta(tmp_path / "two")["history"] if h["stage_name"] == "finetune"]
+    mse = [h for h in ckpt.load_meta(tmp_path / "one")["history"] if h["stage_name"] != "finetune"][-1]["train_loss"]
+    print(f"finetune train loss: 1 process {fine1[-1]['train_loss']:.4g}, 2 processes {fine2[-1]['train_loss']:.4g}; "
+          f"last pretraining loss {mse:.4g}")
+    assert len(fine2) == len(fine1) == tsne.epochs
+    # Halved batches give somewhat different affinities: the same objective, not the same value.
+    assert fine2[-1]["train_loss"] == pytest.approx(fine1[-1]["train_loss"], rel=0.5)
+    assert fine2[-1]["train_loss"] > 5 * mse

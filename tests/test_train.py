@@ -312,10 +312,31 @@ def test_neighbour_loss_uses_its_own_batch_size_and_recon_weight():
     assert float(lone.detach()) == 0.0
 
 
+@pytest.mark.parametrize("loss", ["mse", "tsne"])
+def test_finetune_corruption_masks_the_encoder_input_but_not_the_targets(loss):
+    from sae_model.neighbor_loss import neighbor_loss
+    from sae_model.trainer import corrupt, finetune_loss
+
+    model = build_model(ModelConfig(layers=[8, 4, 2]), seed=0)
+    x = torch.rand(60, 8) + 0.1  # no zeros of its own
+    noisy = corrupt(x, 0.3, torch.Generator().manual_seed(5))
+    assert 0.2 < float((noisy == 0).float().mean()) < 0.4 and torch.equal(noisy[noisy != 0], x[noisy != 0])
+    assert corrupt(x, 0.0, None) is x
+    fine = FinetuneConfig(loss=loss, corruption=0.3, perplexity=5)
+    got = finetune_loss(model, x, False, fine, torch.Generator().manual_seed(5))
+    z = model.encode(noisy)
+    want = neighbor_loss("tsne", x, z, fine) if loss == "tsne" else torch.nn.functional.mse_loss(model.decode(z), x)
+    torch.testing.assert_close(got, want)
+    # Validation (train=False) scores the clean inputs.
+    clean = finetune_loss(model, x, False, fine, torch.Generator().manual_seed(5), train=False)
+    torch.testing.assert_close(clean, finetune_loss(model, x, False, dataclasses.replace(fine, corruption=0.0)))
+
+
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [("neighbor_batch_size", 1, "neighbor_batch_size"), ("perplexity", 0, "perplexity"), ("tsne_dof", 0, "tsne_dof"),
-     ("n_neighbors", 1, "n_neighbors"), ("min_dist", 5.0, "min_dist"), ("negative_sample_rate", -1, "negative_sample_rate")],
+     ("n_neighbors", 1, "n_neighbors"), ("min_dist", 5.0, "min_dist"), ("negative_sample_rate", -1, "negative_sample_rate"),
+     ("corruption", 1.0, "corruption"), ("corruption", -0.1, "corruption")],
 )
 def test_neighbour_settings_are_checked(key, value, match):
     with pytest.raises(ValueError, match=f"finetune.{match}"):
