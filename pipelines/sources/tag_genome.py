@@ -112,7 +112,9 @@ def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -
     A line the typed reader could not parse keeps its raw text; it is split again here (rare lines
     only: the branch is evaluated for them alone) to tell a wrong field count from a bad id or a bad
     relevance. Other rejected lines (out of range, unknown tag) are re-assembled from their parsed
-    fields as movieId,tagId,relevance, like the unused lines of incomplete movies."""
+    fields as movieId,tagId,relevance, like the unused lines of incomplete movies. ``raw`` is null
+    for good lines: Spark evaluates a projected column for every row, and formatting three numbers
+    per good line was pure cost (the aggregate groups good lines by movie, never by text)."""
     corrupt = F.col(CORRUPT).isNotNull()
     fields = F.split(F.col(CORRUPT), ",")
 
@@ -128,7 +130,10 @@ def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -
         movie_id.alias("movie_id"),
         tag_id.alias("tag_id"),
         rel.alias("rel"),
-        F.coalesce(F.col(CORRUPT), F.concat_ws(",", "movieId", "tagId", "relevance")).alias("raw"),
+        F.col(CORRUPT),
+        "movieId",
+        "tagId",
+        "relevance",
         (corrupt & ~three).alias("malformed"),
     )
     first = tag_ids[0] if tag_ids else 0
@@ -146,7 +151,9 @@ def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -
         .when(~((F.col("rel") >= 0.0) & (F.col("rel") <= 1.0)), F.lit(OUT_OF_RANGE))  # NaN fails too
         .when(F.col("idx").isNull(), F.lit(UNKNOWN_TAG))
     )
-    return joined.select("movie_id", "idx", "rel", "raw", reason.alias("reason"))
+    # Built inside the branch: CASE WHEN evaluates a branch only for the rows that take it.
+    raw = F.when(reason.isNotNull(), F.coalesce(F.col(CORRUPT), F.concat_ws(",", "movieId", "tagId", "relevance")))
+    return joined.select("movie_id", "idx", "rel", raw.alias("raw"), reason.alias("reason"))
 
 
 def aggregate_movies(classified: DataFrame, dim: int) -> DataFrame:
