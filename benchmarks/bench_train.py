@@ -103,7 +103,7 @@ def feed_benchmark(args: argparse.Namespace, device: torch.device) -> None:
         info = inspect_table(uri, layers[0])
         ids, x = load_table(uri, layers[0])
         mem = InMemorySource(ids, x, 0.0, device)
-        stream = StreamingSource(uri, info, 0.0, device, args.workers)
+        stream = StreamingSource(uri, info, 0.0, device, args.workers, args.reader_cache_mb)
         n = len(ids)
         # Interleave the two feeds so a busy shared machine hurts both alike.
         mem_rates, stream_rates = [], []
@@ -152,6 +152,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per feed (after one warm-up epoch)")
     p.add_argument("--repeats", type=int, default=2, help="alternate the feeds this many times; best of each")
     p.add_argument("--workers", type=int, default=2, help="Petastorm reader threads")
+    p.add_argument("--reader-cache-mb", type=int, default=0, help="train.reader_cache_mb: Petastorm's local-disk cache")
     p.add_argument("--mm-seconds", type=float, default=5.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)

@@ -64,19 +64,23 @@ def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> di
         # First and alone: this job materialises the source's cached aggregate the others read.
         # Not conform(): a cast cannot drop array<float>'s containsNull; null elements are counted below.
         result.features.select(F.col("item_id").cast("long"), "features").write.parquet(features_dir)
-        quarantine_dir = pub.staging("quarantine")
         frames = {"items": result.items, "quarantine": conform(result.quarantine, QUARANTINE), **result.extra_tables}
         targets = {name: (df, pub.staging(name)) for name, df in frames.items()}
         written = spark.read.parquet(features_dir)
+
+        def write(name: str, df: DataFrame, path: str) -> int | None:
+            df.write.parquet(path)
+            # The quarantine's rows as written (the counts must reconcile), counted in the same thread.
+            return spark.read.parquet(path).count() if name == "quarantine" else None
+
         # The other tables and the checks of the written features are small jobs that each leave a
         # core idle part of the time; submitted together, Spark runs them side by side.
         with ThreadPoolExecutor(max_workers=len(targets) + 1, thread_name_prefix="ingest-write") as pool:
-            writes = [pool.submit(df.write.parquet, path) for df, path in targets.values()]
+            writes = {name: pool.submit(write, name, df, path) for name, (df, path) in targets.items()}
             summary = pool.submit(vector_summary, written, len(result.feature_names))
-            for w in writes:
-                w.result()
+            counts = {name: w.result() for name, w in writes.items()}
             summary_out = summary.result()
-        quarantine_rows = spark.read.parquet(quarantine_dir).count()
+        quarantine_rows = counts["quarantine"]
         manifest = build_manifest(written, result, cfg, quarantine_rows, summary_out)
         write_text(spark, f"{features_dir}/_manifest.json", json.dumps(manifest, indent=1))
     return manifest

@@ -147,6 +147,9 @@ class TrainConfig:
     in_memory_max_mb: int = 2048
     # Parallel Petastorm reader workers when streaming.
     reader_workers: int = 2
+    # Streaming only: > 0 keeps Petastorm's decoded row groups in a local-disk cache of at most this
+    # many MB for the later epochs (Parquet's list decoding is the reader's main cost); 0 = off.
+    reader_cache_mb: int = 0
     threads: int = 0  # 0 = torch default (all cores)
     progress: bool = True
     # Reshuffle training rows every epoch (seeded by train.seed, the stage and the epoch).
@@ -158,6 +161,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"train.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.reader_cache_mb < 0:
+            raise ValueError(f"train.reader_cache_mb: must be >= 0, got {self.reader_cache_mb}")
         if self.in_memory_max_mb < 0:
             raise ValueError(f"train.in_memory_max_mb: must be >= 0, got {self.in_memory_max_mb}")
 

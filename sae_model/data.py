@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -261,11 +262,14 @@ def row_groups(
     workers: int = 2,
     shard: int | None = None,
     shard_count: int | None = None,
+    cache: tuple[str, int, int] | None = None,
 ) -> Iterator[Iterator[tuple[np.ndarray, np.ndarray]]]:
     """Petastorm's ``make_batch_reader``: one ``(item_ids int64 (n,), features float32 (n, d))`` per row group.
 
     ``shuffle=False`` reads with one worker in natural order (deterministic); ``shuffle=True`` shuffles
-    row groups with ``seed``. Shards are whole row groups. Always stops the reader.
+    row groups with ``seed``. Shards are whole row groups. ``cache=(dir, size limit bytes, row size
+    bytes)`` uses Petastorm's local-disk cache: a row group is decoded from Parquet once and later
+    read back as Arrow buffers, which costs a copy instead of the list decoding. Always stops the reader.
     """
     from petastorm import make_batch_reader
     from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
@@ -285,6 +289,11 @@ def row_groups(
         cur_shard=shard,
         shard_count=shard_count,
         shard_seed=seed if shard_count else None,
+        **(
+            dict(cache_type="local-disk", cache_location=cache[0], cache_size_limit=cache[1], cache_row_size_estimate=cache[2])
+            if cache
+            else {}
+        ),
     )
     if type(getattr(reader, "_results_queue_reader", None)) is ArrowReaderWorkerResultsQueueReader:
         reader._results_queue_reader = _ArrowColumns()
@@ -355,9 +364,14 @@ class StreamingSource:
 
     streaming = True
 
-    def __init__(self, uri: str, info: TableInfo, val_fraction: float, device: torch.device, workers: int) -> None:
+    def __init__(
+        self, uri: str, info: TableInfo, val_fraction: float, device: torch.device, workers: int, cache_mb: int = 0
+    ) -> None:
         self.uri, self.info, self.val_fraction, self.device, self.workers = uri, info, val_fraction, device, workers
         self.n_train = None  # unknown until one pass; only used for progress totals
+        # Petastorm's local-disk cache of decoded row groups, removed with this source (or at exit).
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="sae-reader-cache-") if cache_mb > 0 else None
+        self.cache = (self._cache_dir.name, cache_mb * 2**20, info.dim * 4 + 64) if self._cache_dir else None
 
     def batches(
         self, split: str, batch_size: int, shuffle: bool, seed: int = 0, shard: tuple[int, int] | None = None
@@ -386,7 +400,7 @@ class StreamingSource:
         window = batch_size * SHUFFLE_WINDOW_BATCHES if shuffle else batch_size
         with ExitStack() as stack:
             try:
-                groups = stack.enter_context(row_groups(self.uri, shuffle, seed, self.workers, cur, count))
+                groups = stack.enter_context(row_groups(self.uri, shuffle, seed, self.workers, cur, count, self.cache))
             except NoDataAvailableError:
                 log.warning("features table %s: no row group for shard %s of %s (fewer row groups than ranks)", self.uri, cur, count)
                 return
@@ -395,7 +409,7 @@ class StreamingSource:
 
     def validation_arrays(self) -> tuple[np.ndarray, torch.Tensor]:
         ids, xs = [], []
-        with row_groups(self.uri, False, 0, 1) as groups:
+        with row_groups(self.uri, False, 0, 1, cache=self.cache) as groups:
             for g_ids, x in groups:
                 mask = is_validation(g_ids, self.val_fraction)
                 ids.append(g_ids[mask])
@@ -404,7 +418,7 @@ class StreamingSource:
 
 
 def open_source(
-    uri: str, dim: int, val_fraction: float, device: torch.device, in_memory_max_mb: int, workers: int
+    uri: str, dim: int, val_fraction: float, device: torch.device, in_memory_max_mb: int, workers: int, cache_mb: int = 0
 ) -> InMemorySource | StreamingSource:
     """Check the table, then keep it on the device if it fits ``in_memory_max_mb``, else stream it."""
     info = inspect_table(uri, dim)
@@ -414,7 +428,7 @@ def open_source(
         return InMemorySource(ids, x, val_fraction, device)
     scan_stats(uri, dim)
     log.info("features: %d rows x %d (%.1f MB) > train.in_memory_max_mb, streaming", info.rows, dim, info.nbytes / 2**20)
-    return StreamingSource(uri, info, val_fraction, device, workers)
+    return StreamingSource(uri, info, val_fraction, device, workers, cache_mb)
 
 
 def read_labels(items_uri: str | None, item_ids: np.ndarray) -> np.ndarray | None:

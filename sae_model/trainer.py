@@ -682,7 +682,8 @@ def train(
         dist.barrier()  # every rank has read the checkpoint's meta before rank 0 writes a new one
 
     source = open_source(
-        features_uri, model_cfg.layers[0], train_cfg.val_fraction, device, train_cfg.in_memory_max_mb, train_cfg.reader_workers
+        features_uri, model_cfg.layers[0], train_cfg.val_fraction, device, train_cfg.in_memory_max_mb, train_cfg.reader_workers,
+        train_cfg.reader_cache_mb,
     )
     model = build_model(model_cfg, train_cfg.seed)
     if init_from:

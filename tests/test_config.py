@@ -53,6 +53,8 @@ def test_umap_preset_uses_the_global_graph_on_the_mnist_stack():
         ("pretrain.lr=-1", "pretrain.lr"),
         ("model.layers=[784,0,2]", "model.layers"),
         ("finetune.loss=l1", "finetune.loss"),
+        ("train.reader_cache_mb=-1", "train.reader_cache_mb"),
+        ("finetune.corruption=1.5", "finetune.corruption"),
         ("justakey", "expected dotted.key=value"),
     ],
 )
