@@ -50,6 +50,7 @@ images, sampled edges + uniform rows per step), same pretraining, batch 500, Ada
     sae/umap, 500 ep, --nb-weight-decay 1e-5            0.908     0.926      0.941 / 0.947     308
     sae/umap, 250 ep, --pre-weight-decay 0.0005         0.897     0.921      0.929 / 0.941     161
     sae/tsne, 400 ep, --nb-lr-decay linear              0.895     0.919      0.943 / 0.953     266
+    sae/tsne, same, --corruption 0.3                    0.918     0.926      0.942 / 0.951     267   (2026-11-29)
     sae/umap, 800 ep, --corruption 0.2                  0.927     0.929      0.947 / 0.951     623   (2026-11-29, shared)
     sae/umap, 800 ep, --corruption 0.4                  0.907     0.932      0.933 / 0.949     483   (2026-11-29)
     umap-learn 0.5.12 (--umap-only, same split)         0.927     0.949                         50   (fit)
