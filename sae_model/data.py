@@ -5,8 +5,8 @@ natural row-group order (files sorted by path, row groups in file order), the va
 removed by the same hash of ``item_id``, cut into batches of exactly ``batch_size`` (the last one
 shorter). With ``shuffle=True`` the in-memory path applies a permutation seeded by
 ``(seed, epoch)`` (reproducible, also after a resume); the streaming path shuffles row groups with
-the same seed and rows in a shuffling buffer, which is statistically equivalent but not the same
-order. Swap the reader here and nothing else changes.
+the same seed and rows within windows of whole row groups, which is statistically equivalent but
+not the same order. Swap the reader here and nothing else changes.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def row_groups(
         reader._results_queue_reader = _ArrowColumns()
     _lower_priority(getattr(reader._workers_pool, "_workers", []))
     try:
-        yield ((np.asarray(g[0], dtype=np.int64), g[1]) for g in ((getattr(r, ID_COL), getattr(r, FEATURES_COL)) for r in reader))
+        yield ((np.asarray(getattr(r, ID_COL), dtype=np.int64), getattr(r, FEATURES_COL)) for r in reader)
     finally:
         reader.stop()
         reader.join()

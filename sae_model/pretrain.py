@@ -17,6 +17,13 @@ from sae_model.model import StackedAutoencoder
 
 
 @torch.no_grad()
+def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``x`` with each entry zeroed with probability ``fraction`` (masking noise); ``x`` itself at 0."""
+    if fraction <= 0:
+        return x
+    return x * (torch.rand(x.shape, device=x.device, generator=generator) >= fraction)
+
+
 def inputs_for_layer(model: StackedAutoencoder, x: torch.Tensor, layer: int) -> torch.Tensor:
     """The activations that feed level ``layer`` (0 = the data itself), through frozen levels below."""
     return x if layer == 0 else model.encode(x, layer)
@@ -48,11 +55,7 @@ def autoencoder_step(
     gradients over ranks there).
     """
     enc, dec = model.encoders[layer], model.decoders[layer]
-    inp = x
-    if corruption > 0:
-        keep = torch.rand(x.shape, device=x.device, generator=generator) >= corruption
-        inp = x * keep
-    h = model.enc_acts[layer](enc(inp))
+    h = model.enc_acts[layer](enc(corrupt(x, corruption, generator)))
     out = dec(h)
     use_bce = bce and layer == 0
     loss = reconstruction_loss(out if use_bce else model.dec_acts[layer](out), x, use_bce)

@@ -34,7 +34,7 @@ from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_sou
 from sae_model.model import StackedAutoencoder
 from sae_model.neighbor_graph import GraphBatch, NeighbourGraph
 from sae_model.neighbor_loss import neighbor_loss, tsne_edge_loss, umap_ab, umap_edge_loss
-from sae_model.pretrain import autoencoder_step, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
+from sae_model.pretrain import autoencoder_step, corrupt, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,6 @@ def reconstruction_loss(model: StackedAutoencoder, x: torch.Tensor, z: torch.Ten
     if bce:
         return F.binary_cross_entropy_with_logits(model.decode_logits(z), x)
     return F.mse_loss(model.decode(z), x)
-
-
-def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``x`` with each entry zeroed with probability ``fraction`` (masking noise); ``x`` itself at 0."""
-    if fraction <= 0:
-        return x
-    return x * (torch.rand(x.shape, device=x.device, generator=generator) >= fraction)
 
 
 def finetune_loss(

@@ -319,7 +319,8 @@ def test_neighbour_loss_uses_its_own_batch_size_and_recon_weight():
 @pytest.mark.parametrize("loss", ["mse", "tsne"])
 def test_finetune_corruption_masks_the_encoder_input_but_not_the_targets(loss):
     from sae_model.neighbor_loss import neighbor_loss
-    from sae_model.trainer import corrupt, finetune_loss
+    from sae_model.pretrain import corrupt
+    from sae_model.trainer import finetune_loss
 
     model = build_model(ModelConfig(layers=[8, 4, 2]), seed=0)
     x = torch.rand(60, 8) + 0.1  # no zeros of its own
