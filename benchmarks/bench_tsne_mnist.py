@@ -53,6 +53,7 @@ images, sampled edges + uniform rows per step), same pretraining, batch 500, Ada
     sae/tsne, same, --corruption 0.3                    0.918     0.926      0.942 / 0.951     267   (2026-11-29)
     sae/umap, 800 ep, --corruption 0.2                  0.927     0.929      0.947 / 0.951     623   (2026-11-29, shared)
     sae/umap, 800 ep, --corruption 0.4                  0.907     0.932      0.933 / 0.949     483   (2026-11-29)
+    sae/umap, 800 ep, --corruption 0.2 --n-neighbors 30 0.912     0.929      0.944 / 0.952    1019   (2026-11-29, shared)
     umap-learn 0.5.12 (--umap-only, same split)         0.927     0.949                         50   (fit)
 
 On its training items the 800-epoch parametric UMAP map is as good as umap-learn's held-out one;
