@@ -26,7 +26,8 @@ TRAIN = [
 ]
 
 
-def submit(master: str, job: str, args: list[str], tmp_path: Path, timeout: int = 240) -> dict:
+# 480 s: a cluster submit takes 1-2 min alone; under a second heavy job on the two cores one ran past 240 s.
+def submit(master: str, job: str, args: list[str], tmp_path: Path, timeout: int = 480) -> dict:
     cwd = tmp_path / "cwd"  # not the checkout: code comes from the shipped zip
     cwd.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK_", "SPARK_", "SAE_"))}
