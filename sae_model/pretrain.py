@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from sae_model.model import StackedAutoencoder
 
 
-@torch.no_grad()
 def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
     """``x`` with each entry zeroed with probability ``fraction`` (masking noise); ``x`` itself at 0."""
     if fraction <= 0:
@@ -24,6 +23,7 @@ def corrupt(x: torch.Tensor, fraction: float, generator: torch.Generator | None)
     return x * (torch.rand(x.shape, device=x.device, generator=generator) >= fraction)
 
 
+@torch.no_grad()
 def inputs_for_layer(model: StackedAutoencoder, x: torch.Tensor, layer: int) -> torch.Tensor:
     """The activations that feed level ``layer`` (0 = the data itself), through frozen levels below."""
     return x if layer == 0 else model.encode(x, layer)

@@ -134,6 +134,19 @@ def test_streaming_batches_serve_every_kept_row_once_in_exact_batches(shuffled):
         assert served.tolist() == expect  # natural order, like the in-memory path
 
 
+@pytest.mark.parametrize("corruption", [0.0, 0.3])
+def test_pretraining_a_layer_leaves_the_frozen_layers_below_out_of_the_graph(corruption):
+    from sae_model.pretrain import autoencoder_step, inputs_for_layer
+
+    model = build_model(ModelConfig(layers=[8, 6, 4, 2]), seed=0)
+    opt = torch.optim.SGD(list(model.encoders[1].parameters()) + list(model.decoders[1].parameters()), lr=0.1)
+    x = inputs_for_layer(model, torch.rand(20, 8), 1)
+    assert not x.requires_grad
+    autoencoder_step(model, 1, x, opt, corruption, False, torch.Generator().manual_seed(0))
+    assert all(q.grad is None for q in model.encoders[0].parameters())
+    assert all(q.grad is not None for q in model.encoders[1].parameters())
+
+
 def test_in_memory_and_streaming_agree(data_root, tmp_path):
     # Unshuffled: the same batches in the same order -> the same weights.
     a = train(*small(shuffle=False), feats(data_root), None, OFF, tmp_path / "mem")
