@@ -330,20 +330,25 @@ def batches_from_row_groups(
         order = torch.randperm(n_pool, generator=generator) if generator is not None else torch.arange(n_pool)
         full = n_pool if final else n_pool - n_pool % batch_size
         dim = pool[0][0].shape[1]
-        for s in range(0, n_pool, batch_size):
-            sel = order[s : s + batch_size]
-            if s >= full:  # the rest: carried into the next window
-                sel, _ = sel.sort()
-                seg = torch.searchsorted(sel, offsets)
-                pool = [(m, rows[sel[seg[i] : seg[i + 1]] - offsets[i]]) for i, (m, rows) in enumerate(pool) if seg[i + 1] > seg[i]]
-                n_pool = len(sel)
-                return
+
+        def split(sel: torch.Tensor) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+            """Window positions -> (their span once sorted, row-group matrix, its rows) per row group hit."""
             sel, _ = sel.sort()
             seg = torch.searchsorted(sel, offsets).tolist()
-            out = torch.empty((len(sel), dim), dtype=torch.float32)
-            for i, (m, rows) in enumerate(pool):
-                if seg[i + 1] > seg[i]:
-                    torch.index_select(m, 0, rows[sel[seg[i] : seg[i + 1]] - offsets[i]], out=out[seg[i] : seg[i + 1]])
+            return [
+                (slice(seg[i], seg[i + 1]), m, rows[sel[seg[i] : seg[i + 1]] - offsets[i]])
+                for i, (m, rows) in enumerate(pool)
+                if seg[i + 1] > seg[i]
+            ]
+
+        for s in range(0, n_pool, batch_size):
+            parts = split(order[s : s + batch_size])
+            if s >= full:  # the rest: carried into the next window
+                pool, n_pool = [(m, rows) for _, m, rows in parts], n_pool - s
+                return
+            out = torch.empty((min(batch_size, n_pool - s), dim), dtype=torch.float32)
+            for span, m, rows in parts:
+                torch.index_select(m, 0, rows, out=out[span])
             yield out
         pool, n_pool = [], 0
 
