@@ -128,34 +128,35 @@ def build_manifest(
 def vector_summary(features: DataFrame, dim: int) -> dict[str, Any]:
     """Row count, distinct ids, min/max vector width, vectors with null or NaN values and the
     per-dimension min/max/mean of the written table, in the JVM: one aggregate for the checks and
-    one ``Summarizer`` pass for the statistics, run side by side (each small job leaves a core idle
-    part of the time). The statistics count only when the checks pass; on a bad table
-    ``Summarizer`` may fail, and that failure is not the news. Only 3 x ``dim`` numbers reach the
-    driver. (A Python pass did the same work but paid a Python worker's start-up, most of the fixed
-    cost of a small ingest.)"""
-    from pyspark.ml.functions import array_to_vector
-    from pyspark.ml.stat import Summarizer
+    one for the statistics, run side by side (each small job leaves a core idle part of the time).
+    The statistics count only when the checks pass. Only 3 x ``dim`` numbers reach the driver.
 
+    The statistics group the exploded elements by position: compiled, 0.07-0.1 s for 5 M elements
+    where ``Summarizer`` (a UDF that boxes every element on its way to a vector) took 0.4-0.5 s;
+    a Python pass paid a worker's start-up."""
     width = F.coalesce(F.size("features"), F.lit(-1))
-    # Not exists(lambda): higher-order functions are interpreted per element, these are compiled.
-    hole = (F.size(F.array_compact("features")) < F.size("features")) | F.array_contains("features", F.lit(float("nan")))
+    # array_contains(a, NaN) is true with a NaN, null without one but with a null element, false
+    # for a clean vector: one compiled scan finds both kinds of hole.
+    hole = F.coalesce(F.array_contains("features", F.lit(float("nan"))), F.lit(True))
     checks = features.agg(
         F.count("*").alias("n"),
         F.countDistinct("item_id").alias("ids"),
         F.min(width).alias("min_w"),
         F.max(width).alias("max_w"),
-        F.count_if(hole).alias("holes"),
+        F.count_if(F.col("features").isNotNull() & hole).alias("holes"),
     )
-    summary = Summarizer.metrics("min", "max", "mean").summary(array_to_vector("features")).alias("s")
+    per_dim = (
+        features.select(F.posexplode("features"))
+        .groupBy("pos")
+        .agg(F.min("col").alias("min"), F.max("col").alias("max"), F.avg("col").alias("mean"))
+    )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-stats") as pool:
-        stats = pool.submit(lambda: features.select(summary).first()["s"])
+        stats = pool.submit(per_dim.collect)
         row = checks.first()
         out: dict[str, Any] = {k: (int(row[k]) if row[k] is not None else None) for k in ("n", "ids", "min_w", "max_w", "holes")}
+        rows = sorted(stats.result(), key=lambda r: r["pos"])
         if out["n"] and out["min_w"] == out["max_w"] == dim and not out["holes"]:
-            st = stats.result()
-            out["stats"] = {k: [float(v) for v in st[k].toArray()] for k in ("min", "max", "mean")}
-        else:
-            stats.exception()  # waited for, not raised: a wrong width or an empty table stops Summarizer
+            out["stats"] = {k: [float(r[k]) for r in rows] for k in ("min", "max", "mean")}
     return out
 
 

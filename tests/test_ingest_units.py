@@ -188,3 +188,14 @@ def test_contiguous_tag_ids_take_the_arithmetic_path_with_the_same_answers(spark
         for r in tg.classify_scores(_lines(spark, rows), [1, 2, 3], spark).collect()
     }
     assert got == {"5,1,0.1": (0, None), "5,3,0.3": (2, None), "5,0,0.5": (None, tg.UNKNOWN_TAG), "5,4,0.5": (None, tg.UNKNOWN_TAG)}
+
+
+def test_unused_lines_name_the_tag_id_alike_for_contiguous_and_sparse_tag_tables(spark):
+    # Movie 7 lacks one tag (incomplete) and repeats another: its lines are re-assembled with the
+    # tag id, computed (contiguous ids 1..3) or looked up (sparse ids 10, 20, 30).
+    for tag_ids in ([1, 2, 3], [10, 20, 30]):
+        a, c = tag_ids[0], tag_ids[2]
+        rows = [("7", str(a), "0.1", None), ("7", str(c), "0.3", None), ("7", str(c), "0.4", None)]
+        movies = tg.aggregate_movies(tg.classify_scores(_lines(spark, rows), tag_ids, spark), 3)
+        got = sorted((r["raw"], r["reason"]) for r in tg.unused_lines(movies, tag_ids, "s.csv").collect())
+        assert got == [(f"7,{a},0.1", tg.INCOMPLETE), (f"7,{c},0.3", tg.DUPLICATE), (f"7,{c},0.4", tg.DUPLICATE)]

@@ -206,8 +206,13 @@ def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id
     """The good lines of incomplete, duplicated or over-limit movies, re-assembled from their parsed
     fields as movieId,tagId,relevance (the aggregate does not carry the raw text; see aggregate_movies)."""
     over = F.lit(False) if max_id is None else F.col("complete") & (F.col("movie_id") > max_id)
-    # One SQL literal, not 1,128 F.lit() calls through Py4J (a third of a second per job).
-    tag_of = F.expr(f"array({','.join(str(int(t)) for t in tag_ids)})")
+    first = tag_ids[0] if tag_ids else 0
+    if tag_ids == list(range(first, first + len(tag_ids))):
+        tag_id = F.col("p.idx") + F.lit(first)  # the real releases' 1..1128: arithmetic, as in classify_scores
+    else:
+        # One SQL literal, not 1,128 F.lit() calls through Py4J (a third of a second per job).
+        tag_of = F.expr(f"array({','.join(str(int(t)) for t in tag_ids)})")
+        tag_id = F.element_at(tag_of, F.col("p.idx") + 1)
     unused = movies.filter(F.col("reason").isNull() & (~F.col("complete") | over)).select(
         "movie_id",
         over.alias("over"),
@@ -219,7 +224,7 @@ def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id
     # A window over the few unused lines, not a filter() lambda per line over its movie's ~1,128
     # pairs: that was quadratic per movie and interpreted, ~3 s of a 15.6 M-row ingest.
     dup = F.count(F.lit(1)).over(Window.partitionBy("movie_id", "p.idx")) > 1
-    raw = F.concat_ws(",", F.col("movie_id"), F.element_at(tag_of, F.col("p.idx") + 1), F.col("p.rel"))
+    raw = F.concat_ws(",", F.col("movie_id"), tag_id, F.col("p.rel"))
     reason = F.when(F.col("over"), F.lit(OVER_LIMIT)).when(dup, F.lit(DUPLICATE)).otherwise(F.lit(INCOMPLETE))
     return unused.select(F.lit(source_file).alias("source_file"), raw.alias("raw"), reason.alias("reason"))
 
