@@ -65,8 +65,11 @@ def find_run(model_uri: str | None, experiment: str) -> tuple[str, str | None]:
     return model_uri, None  # a local saved-model directory: evaluated into a new run
 
 
-def evaluate_and_log(cfg: Config, encoder: Any, run_id: str | None, val_fraction: float) -> dict:
-    """Evaluate ``encoder`` on ``paths.root``'s tables; log into ``run_id`` (or a new ``evaluate`` run)."""
+def evaluate_and_log(
+    cfg: Config, encoder: Any, run_id: str | None, val_fraction: float, train_seconds: float | None = None
+) -> dict:
+    """Evaluate ``encoder`` on ``paths.root``'s tables; log into ``run_id`` (or a new ``evaluate`` run).
+    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits."""
     import mlflow
 
     from sae_model import tracking
@@ -77,6 +80,8 @@ def evaluate_and_log(cfg: Config, encoder: Any, run_id: str | None, val_fraction
     items = table_uri(cfg.paths.root, "items")
     with tempfile.TemporaryDirectory() as tmp:
         result = evaluate_model(encoder, features, items, val_fraction, cfg.evaluate, tmp)
+        if train_seconds is not None:
+            result.metrics["ae_fit_seconds"] = train_seconds
         table = format_metrics_table(result.metrics)
         if run_id is None:
             tracking.use_experiment(cfg.mlflow.experiment)

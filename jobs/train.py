@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
@@ -74,6 +75,7 @@ def run(
         resume=resume, fingerprint=cfg.hash(),
     )
     dist_cfg = cfg.train.distributed
+    started = time.perf_counter()
     try:
         if dist_cfg.num_processes > 1:
             from pipelines.distributed import run_distributed
@@ -84,7 +86,9 @@ def run(
             out = result_summary(train(**kwargs))
     except TrainingError as exc:
         raise ConfigError(str(exc)) from exc
-    log.info("train done: run %s, model %s version %s", out["run_id"], out["model_uri"], out["model_version"])
+    train_seconds = time.perf_counter() - started
+    log.info("train done in %.0f s: run %s, model %s version %s", train_seconds, out["run_id"], out["model_uri"],
+             out["model_version"])
     if cfg.evaluate.after_train and out.get("run_id") and out.get("model_uri"):
         import mlflow
 
@@ -93,7 +97,7 @@ def run(
         # Distributed training logged from other processes: this one has not pointed MLflow anywhere yet.
         mlflow.set_tracking_uri(settings.tracking_uri)
         try:
-            ev = evaluate_and_log(cfg, load_encoder(out["model_uri"]), out["run_id"], cfg.train.val_fraction)
+            ev = evaluate_and_log(cfg, load_encoder(out["model_uri"]), out["run_id"], cfg.train.val_fraction, train_seconds)
             out["metrics"] = {**out.get("metrics", {}), **ev["metrics"]}
         except DataError as exc:  # e.g. too few validation items: the model is still good
             log.warning("evaluation after training skipped: %s", exc)

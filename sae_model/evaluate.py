@@ -12,6 +12,7 @@ logs the result (``sae_model.tracking.log_evaluation``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,9 @@ def evaluate_model(
     # Reconstruction: every validation item.
     codes = _batched(encoder.encode, x_val)
     recon = _batched(encoder.reconstruct, x_val)
+    t0 = time.perf_counter()
     pca = PCA(encoder.code_width).fit(x_fit)
+    pca_seconds = time.perf_counter() - t0
     pca_codes = pca.transform(x_val)
     metrics: dict[str, float] = {
         "n_train": float(n_train),
@@ -141,6 +144,7 @@ def evaluate_model(
         "ae_squared_error": squared_error_per_item(x_val, recon),
         "pca_squared_error": squared_error_per_item(x_val, pca.inverse_transform(pca_codes)),
         "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
+        "pca_fit_seconds": pca_seconds,
     }
 
     # Neighbourhoods: a seeded sample of at most max_items.
@@ -154,7 +158,7 @@ def evaluate_model(
     if cfg.umap:
         u = umap_codes(x_fit, xs, dim=encoder.code_width, seed=cfg.seed)
         if u is not None:
-            maps["UMAP"] = u
+            maps["UMAP"], metrics["umap_fit_seconds"] = u
     names = {"autoencoder": "ae", "PCA": "pca", "UMAP": "umap"}
     for name, m in maps.items():
         metrics.update(map_metrics(names[name], xs, m, labels, kind, cfg.k_knn, cfg.k_tw))

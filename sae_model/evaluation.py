@@ -12,6 +12,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -351,22 +352,27 @@ def evaluate_map(
 
 
 def format_metrics_table(metrics: Mapping[str, float]) -> str:
-    """Plain-text table: one row per metric, columns autoencoder | PCA; other keys listed above."""
+    """Plain-text table: one row per metric, columns autoencoder | PCA (| UMAP when it was scored);
+    other keys listed above."""
+    columns = [("ae", "autoencoder"), ("pca", "PCA")]
+    if any(key.startswith("umap_") for key in metrics):
+        columns.append(("umap", "UMAP"))
+    prefixes = {c for c, _ in columns}
     rows: dict[str, dict[str, float]] = {}
     other: list[str] = []
     for key, value in metrics.items():
         prefix, _, name = key.partition("_")
-        if prefix in ("ae", "pca") and name:
+        if prefix in prefixes and name:
             rows.setdefault(name, {})[prefix] = value
         else:
             other.append(f"{key}: {value:g}")
     width = max([len("metric")] + [len(name) for name in rows])
     lines = list(other)
-    lines.append(f"{'metric':<{width}}  {'autoencoder':>12}  {'PCA':>12}")
-    lines.append(f"{'-' * width}  {'-' * 12}  {'-' * 12}")
+    lines.append("  ".join([f"{'metric':<{width}}"] + [f"{title:>12}" for _, title in columns]))
+    lines.append("  ".join(["-" * width] + ["-" * 12] * len(columns)))
     for name, cols in rows.items():
-        cells = [f"{cols[c]:12.4f}" if c in cols else f"{'-':>12}" for c in ("ae", "pca")]
-        lines.append(f"{name:<{width}}  {cells[0]}  {cells[1]}")
+        cells = [f"{cols[c]:12.4f}" if c in cols else f"{'-':>12}" for c, _ in columns]
+        lines.append("  ".join([f"{name:<{width}}"] + cells))
     return "\n".join(lines)
 
 
@@ -437,13 +443,16 @@ def plot_maps_side_by_side(maps: Mapping[str, Any], labels: Any, path: str | Pat
     return path
 
 
-def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> np.ndarray | None:
-    """UMAP baseline codes for ``x_val`` (fitted on ``x_train``), or None if umap-learn is missing."""
+def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> tuple[np.ndarray, float] | None:
+    """UMAP baseline codes for ``x_val`` (fitted on ``x_train``) and the fit's seconds, or None if
+    umap-learn is missing."""
     try:
         import umap  # type: ignore[import-not-found]
     except ImportError:
         log.info("umap-learn is not installed: skipping the UMAP baseline")
         return None
     reducer = umap.UMAP(n_components=dim, random_state=seed)
+    t0 = time.perf_counter()
     reducer.fit(np.asarray(x_train, dtype=np.float32))
-    return np.asarray(reducer.transform(np.asarray(x_val, dtype=np.float32)), dtype=np.float64)
+    fit_seconds = time.perf_counter() - t0
+    return np.asarray(reducer.transform(np.asarray(x_val, dtype=np.float32)), dtype=np.float64), fit_seconds

@@ -72,6 +72,8 @@ def test_training_ends_with_an_evaluation_logged_into_its_run(trained):
     assert m["ae_knn_accuracy"] >= 0.9, m
     assert m["ae_trustworthiness"] > 0.8 and m["ae_continuity"] > 0.8, m
     assert not any(k.startswith("umap_") for k in m)  # optional extra, absent here
+    # The training's own time is reported beside PCA's fit (and UMAP's, when it runs).
+    assert m["ae_fit_seconds"] > m["pca_fit_seconds"] > 0
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     run = client.get_run(out["run_id"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -205,3 +207,33 @@ def test_plot_maps_side_by_side_writes_png(tmp_path):
 def test_umap_codes_is_none_without_umap(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)  # makes `import umap` raise ImportError
     assert umap_codes(np.zeros((5, 3)), np.zeros((2, 3))) is None
+
+
+def test_umap_baseline_gets_its_fit_time_and_its_own_table_column(monkeypatch):
+    class FakeUMAP:  # the umap-learn surface umap_codes uses
+        def __init__(self, n_components, random_state):
+            self.k = n_components
+
+        def fit(self, x):
+            time.sleep(0.05)
+            return self
+
+        def transform(self, x):
+            return x[:, : self.k] * 2
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    x = np.arange(30, dtype=np.float64).reshape(10, 3)
+    codes, seconds = umap_codes(x, x[:4], dim=2)
+    assert np.allclose(codes, x[:4, :2] * 2) and seconds >= 0.05
+
+    metrics = {"n_val": 4.0, "ae_trustworthiness": 0.9, "pca_trustworthiness": 0.8, "umap_trustworthiness": 0.95,
+               "ae_fit_seconds": 12.0, "pca_fit_seconds": 0.25, "umap_fit_seconds": 3.5}
+    lines = format_metrics_table(metrics).splitlines()
+    assert lines[0] == "n_val: 4"
+    assert lines[1].split() == ["metric", "autoencoder", "PCA", "UMAP"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert rows == {"trustworthiness": ["0.9000", "0.8000", "0.9500"], "fit_seconds": ["12.0000", "0.2500", "3.5000"]}
+    # Without UMAP metrics there is no UMAP column, and a missing value is a dash.
+    lines = format_metrics_table({"ae_fit_seconds": 1.0, "pca_trustworthiness": 0.5}).splitlines()
+    assert lines[0].split() == ["metric", "autoencoder", "PCA"]
+    assert [line.split() for line in lines[2:]] == [["fit_seconds", "1.0000", "-"], ["trustworthiness", "-", "0.5000"]]
