@@ -427,3 +427,28 @@ def test_finetune_lr_decays_by_epoch(data_root, tmp_path, decay, factors):
           TrainConfig(seed=1, progress=False), feats(data_root), None, OFF, tmp_path / "ck", callbacks=[record])
     assert [lr for kind, lr in seen if kind == "pretrain"] == [3.0] * 4  # pretraining is never decayed
     assert [lr for kind, lr in seen if kind == "finetune"] == pytest.approx([0.2 * f for f in factors])
+
+
+def test_training_flushes_subnormal_floats_and_restores_the_setting(data_root, tmp_path):
+    from sae_model.trainer import FunctionCallback, _denormals_flushed
+
+    # A saturated sigmoid stack fills its backward pass with subnormals: 6x slower epochs on x86.
+    assert not _denormals_flushed()
+    seen: list[bool] = []
+    train(*small(), feats(data_root), None, OFF, tmp_path / "ck",
+          callbacks=[FunctionCallback(lambda t, stage, rec: seen.append(_denormals_flushed()))])
+    assert seen and all(seen)
+    assert not _denormals_flushed()  # the process's setting is given back
+
+
+def test_eta_paces_each_stage_by_its_own_cost():
+    from sae_model.trainer import Stage, eta_seconds, stage_cost
+
+    layers = [4, 3, 2]  # weights 12 and 6
+    stages = [Stage(0, "pretrain", 0, 2, 5), Stage(1, "pretrain", 1, 2, 5), Stage(2, "finetune", None, 3, 5)]
+    assert [stage_cost(s, layers) for s in stages] == [72, 12 + 36, 108]
+    # One 2 s epoch of layer 0 so far: its last epoch at 2 s, then at 2/72 s per unit of cost.
+    assert eta_seconds(stages, stages[0], 0, {0: (2.0, 1)}, layers) == pytest.approx(2 + 2 * 48 / 36 + 3 * 108 / 36)
+    # In fine-tuning, its own pace counts (10 s an epoch here, whatever pretraining took).
+    spent = {0: (4.0, 2), 1: (2.0, 2), 2: (10.0, 1)}
+    assert eta_seconds(stages, stages[2], 0, spent, layers) == pytest.approx(20.0)
