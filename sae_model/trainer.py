@@ -58,7 +58,7 @@ def flush_denormals() -> Iterator[None]:
 def stage_cost(stage: Stage, layers: list[int]) -> float:
     """Relative compute of one row in one epoch of ``stage`` (weights touched, backward counted
     twice): what the ETA scales measured epochs by to guess the stages not started yet."""
-    weights = [a * b for a, b in zip(layers[:-1], layers[1:], strict=False)]
+    weights = [a * b for a, b in zip(layers[:-1], layers[1:], strict=True)]
     if stage.kind == "pretrain" and stage.layer is not None:
         return sum(weights[: stage.layer]) + 2 * 3 * weights[stage.layer]  # frozen layers forward only
     return 2 * 3 * sum(weights)

@@ -106,6 +106,13 @@ def load_tags(spark: SparkSession, path: str) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------- pure transforms
 
 
+def contiguous_start(tag_ids: list[int]) -> int | None:
+    """The first tag id when the ids run first, first + 1, ... (the real releases number their tags
+    1..1128): a vector position and its tag id are then one addition apart, no lookup. Else None."""
+    first = tag_ids[0] if tag_ids else 0
+    return first if tag_ids == list(range(first, first + len(tag_ids))) else None
+
+
 def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -> DataFrame:
     """Typed lines (``read_scores``) -> movie_id, idx (vector position), rel, raw, reason (null = good).
 
@@ -136,9 +143,8 @@ def classify_scores(lines: DataFrame, tag_ids: list[int], spark: SparkSession) -
         "relevance",
         (corrupt & ~three).alias("malformed"),
     )
-    first = tag_ids[0] if tag_ids else 0
-    if tag_ids == list(range(first, first + len(tag_ids))):
-        # The real releases number their tags 1..1128: the position is arithmetic, no join.
+    first = contiguous_start(tag_ids)
+    if first is not None:
         in_range = (F.col("tag_id") >= first) & (F.col("tag_id") < first + len(tag_ids))
         joined = parsed.withColumn("idx", F.when(in_range, (F.col("tag_id") - first).cast("int")))
     else:
@@ -206,9 +212,9 @@ def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id
     """The good lines of incomplete, duplicated or over-limit movies, re-assembled from their parsed
     fields as movieId,tagId,relevance (the aggregate does not carry the raw text; see aggregate_movies)."""
     over = F.lit(False) if max_id is None else F.col("complete") & (F.col("movie_id") > max_id)
-    first = tag_ids[0] if tag_ids else 0
-    if tag_ids == list(range(first, first + len(tag_ids))):
-        tag_id = F.col("p.idx") + F.lit(first)  # the real releases' 1..1128: arithmetic, as in classify_scores
+    first = contiguous_start(tag_ids)
+    if first is not None:
+        tag_id = F.col("p.idx") + F.lit(first)
     else:
         # One SQL literal, not 1,128 F.lit() calls through Py4J (a third of a second per job).
         tag_of = F.expr(f"array({','.join(str(int(t)) for t in tag_ids)})")
