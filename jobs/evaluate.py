@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.common import log, new_parser, record_config, resolve, setup_logging
 from pipelines.config import Config, ConfigError
-from pipelines.publish import table_uri
+from pipelines.publish import Pinned, pin
 
 DESCRIPTION = (
     "Score a trained map on the validation split: squared error per item, kNN label accuracy, "
@@ -66,18 +66,25 @@ def find_run(model_uri: str | None, experiment: str) -> tuple[str, str | None]:
 
 
 def evaluate_and_log(
-    cfg: Config, encoder: Any, run_id: str | None, val_fraction: float, train_seconds: float | None = None
+    cfg: Config,
+    encoder: Any,
+    run_id: str | None,
+    val_fraction: float,
+    train_seconds: float | None = None,
+    ingest: Pinned | None = None,
 ) -> dict:
     """Evaluate ``encoder`` on ``paths.root``'s tables; log into ``run_id`` (or a new ``evaluate`` run).
-    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits."""
+    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits.
+    ``ingest``: the version of the ingest set to read (the one training read); default: the current
+    one, resolved once here."""
     import mlflow
 
     from sae_model import tracking
     from sae_model.evaluate import evaluate_model
     from sae_model.evaluation import format_metrics_table
 
-    features = table_uri(cfg.paths.root, "features")
-    items = table_uri(cfg.paths.root, "items")
+    ingest = ingest or pin(cfg.paths.root, "ingest")
+    features, items = ingest.uri("features"), ingest.uri("items")
     with tempfile.TemporaryDirectory() as tmp:
         result = evaluate_model(encoder, features, items, val_fraction, cfg.evaluate, tmp)
         if train_seconds is not None:

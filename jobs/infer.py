@@ -40,7 +40,8 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
             experiment=cfg.mlflow.experiment,
             download_to=tmp if local else None,
         )
-        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer)
+        publish = {"keep": cfg.publish.keep, "meta": {"job": "infer", "config_hash": cfg.hash()}}
+        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish)
     summary["tracking_uri"] = mlflow.get_tracking_uri()
     log.info(
         "infer done: %s items scored with %s; neighbours by %s%s -> %s",

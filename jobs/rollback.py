@@ -1,4 +1,5 @@
-"""Roll back a bad night: @champion goes back to @previous, codes/ and neighbors/ to their previous version.
+"""Roll back a bad night: @champion goes back to @previous, and codes/ and neighbors/ to the version
+that model published (re-scored when retention removed it), or a refusal that says why.
 
     sae rollback --config conf/local.yaml
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import log, new_parser, resolve, setup_logging
+from jobs.common import log, new_parser, resolve, setup_logging, spark_session
 from pipelines.config import Config
 
-DESCRIPTION = "Swap the @champion and @previous aliases and point codes/ and neighbors/ at their previous versions."
-TABLES = ("codes", "neighbors")
+DESCRIPTION = (
+    "Make @previous the champion again together with the codes/ and neighbors/ it published "
+    "(scoring them again if they were removed)."
+)
 
 
 def run(cfg: Config) -> dict:
@@ -20,19 +23,17 @@ def run(cfg: Config) -> dict:
 
     from jobs.nightly import lock_path
     from pipelines.lock import run_lock
-    from pipelines.nightly import rollback_champion, tracking_uri
-    from pipelines.publish import local_path, rollback, versions
+    from pipelines.nightly import rollback_champion, rollback_target, tracking_uri
 
     with run_lock(lock_path(cfg), stale_after=cfg.nightly.lock_stale_after_s):  # never under a running night
-        for t in TABLES:  # check first: a half rollback (aliases but not tables) would mix models
-            current = (local_path(cfg.paths.root) / t).resolve()
-            if not any(v.name < current.name for v in versions(cfg.paths.root, t)):
-                raise RuntimeError(f"no previous version of {t!r} under {cfg.paths.root} to roll back to")
         mlflow.set_tracking_uri(tracking_uri(cfg))
-        champion, rolled_back = rollback_champion(cfg)
-        tables = {t: str(rollback(cfg.paths.root, t)) for t in TABLES}
-    log.info("rolled back: champion version %s (was %s); tables %s", champion, rolled_back, tables)
-    return {"champion": champion, "rolled_back_from": rolled_back, "tables": tables}
+        if rollback_target(cfg)[2] is not None:
+            out = rollback_champion(cfg)
+        else:  # its tables are gone: only then is Spark needed, to score them again
+            with spark_session(cfg) as spark:
+                out = rollback_champion(cfg, spark)
+    log.info("rolled back: %s", out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +52,8 @@ def command(args: argparse.Namespace) -> int:
         print(f"sae rollback: {exc}", file=sys.stderr)
         return 1
     print(f"champion: version {out['champion']} (was {out['rolled_back_from']})")
-    for table, path in out["tables"].items():
-        print(f"{table}: {path}")
+    how = "scored again" if out["rescored"] else "restored"
+    print(f"codes/, neighbors/: scores version {out['scores_version']} ({how})")
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config, ConfigError, tracking_uri
-from pipelines.publish import is_local, local_path, table_uri
+from pipelines.publish import is_local, local_path, pin
 
 DESCRIPTION = "Pretrain layer by layer, fine-tune the unrolled autoencoder, log and register the model in MLflow."
 
@@ -51,8 +51,9 @@ def run(
     from sae_model.tracking import git_commit
     from sae_model.trainer import MlflowSettings, TrainingError, train
 
-    features = table_uri(cfg.paths.root, "features")
-    items = table_uri(cfg.paths.root, "items")
+    # One version of the ingest set for the whole job, however many ingests publish meanwhile.
+    ingest = pin(cfg.paths.root, "ingest")
+    features, items = ingest.uri("features"), ingest.uri("items")
     ckpt = checkpoint_dir or str(local_path(cfg.paths.root) / "checkpoints" / cfg.hash())
     record_config(cfg, "train")
     settings = MlflowSettings(
@@ -97,7 +98,9 @@ def run(
         # Distributed training logged from other processes: this one has not pointed MLflow anywhere yet.
         mlflow.set_tracking_uri(settings.tracking_uri)
         try:
-            ev = evaluate_and_log(cfg, load_encoder(out["model_uri"]), out["run_id"], cfg.train.val_fraction, train_seconds)
+            ev = evaluate_and_log(
+                cfg, load_encoder(out["model_uri"]), out["run_id"], cfg.train.val_fraction, train_seconds, ingest
+            )
             out["metrics"] = {**out.get("metrics", {}), **ev["metrics"]}
         except DataError as exc:  # e.g. too few validation items: the model is still good
             log.warning("evaluation after training skipped: %s", exc)

@@ -176,6 +176,19 @@ class PathsConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    """publish.*: how many published versions of each table set (ingest, scores) are kept."""
+
+    # The last N published versions of each set stay on disk (rollback, pinned readers); the
+    # nightly also keeps the tables of @champion and @previous whatever N is.
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError(f"publish.keep: must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
 class SparkConfig:
     master: str = "local[*]"
     app_name: str = "sae"
@@ -250,7 +263,8 @@ class NightlyConfig:
     align_max_items: int = 20000
     # Training items sampled for the PCA baseline of the holdout report.
     baseline_max_items: int = 20000
-    # A lock left by a process on another host is taken over after this many seconds.
+    # A run holding the lock for longer than this is reported as possibly hung (the OS lock of a
+    # dead run is released at once, so nothing is "taken over").
     lock_stale_after_s: int = 12 * 3600
 
     def __post_init__(self) -> None:
@@ -266,6 +280,7 @@ class NightlyConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -20,7 +20,7 @@ from pipelines.alignment import Alignment
 from pipelines.config import InferConfig
 from pipelines.maps import write_maps
 from pipelines.neighbors import recall_at_k, top_k_neighbors
-from pipelines.publish import is_local, local_path, publishing, table_path
+from pipelines.publish import Pinned, is_local, local_path, pin, publishing
 from pipelines.schemas import CODES, FEATURES, NEIGHBORS, check_columns, conform
 from pipelines.scoring import ResolvedModel, score_parquet
 
@@ -83,21 +83,29 @@ def predict_batch(
     infer: InferConfig,
     log_maps: bool = True,
     alignment: Alignment | None = None,
+    publish: dict[str, Any] | None = None,
+    ingest: Pinned | None = None,
 ) -> dict[str, Any]:
     """Score every item under ``root``/features, publish codes/ and neighbors/, write and log maps.
 
     ``alignment`` maps the model's codes onto the previous map (nightly runs); neighbours are then
-    computed on the aligned codes, as published.
+    computed on the aligned codes, as published. ``publish``: keyword arguments for
+    :func:`pipelines.publish.publishing` (``keep``, ``protect_models``, ``meta`` such as ``job``);
+    the model version and the ingest version scored are always recorded in the history.
+    ``ingest``: the version of the ingest set to score (default: the current one, resolved once here).
 
     Returns a summary: table paths, row count, neighbour method, recall (approximate methods, or
     measured anyway for ``grid``), map paths and timings.
     """
     t0 = time.perf_counter()
-    features_path = table_path(root, "features")
+    ingest = ingest or pin(root, "ingest", spark)
+    features_path = ingest.path("features")
     check_columns(spark.read.parquet(features_path), FEATURES, "features")
     scored_at = datetime.now(UTC).replace(microsecond=0)
     summary: dict[str, Any] = {"model_uri": model.uri, "run_id": model.run_id, "model_version": model.version}
-    with publishing(root, ["codes", "neighbors"], spark) as pub:
+    opts = dict(publish or {})
+    meta = {"job": "infer", **opts.pop("meta", {}), "model_version": model.version, "ingest_version": ingest.version}
+    with publishing(root, ["codes", "neighbors"], spark, meta=meta, **opts) as pub:
         codes_path = pub.staging("codes")
         codes_table(spark, features_path, model, infer, scored_at, alignment).write.parquet(codes_path)
         codes = spark.read.parquet(codes_path)
@@ -129,21 +137,34 @@ def predict_batch(
             rec = recall_at_k(spark, vectors, spark.read.parquet(nb_path), infer.k, infer.metric, infer.recall_sample, infer.seed)
             summary["recall"] = round(rec, 4)
             log.info("neighbours (%s) recall@%d against exact on %d sampled items: %.4f", method, infer.k, infer.recall_sample, rec)
-    summary["codes"] = table_path(root, "codes")
-    summary["neighbors"] = table_path(root, "neighbors")
+    scores = pub.pinned()
+    summary["scores_version"] = scores.version
+    summary["codes"] = scores.path("codes")
+    summary["neighbors"] = scores.path("neighbors")
     if infer.map_max_points:
-        summary["maps"] = [str(p) for p in draw_maps(spark, root, model, infer, log_maps)]
+        summary["maps"] = [str(p) for p in draw_maps(spark, root, model, infer, log_maps, scores, ingest)]
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     return summary
 
 
-def draw_maps(spark: SparkSession, root: str, model: ResolvedModel, infer: InferConfig, log_to_run: bool = True) -> list[Path]:
-    """Maps of the published codes under ``root``/maps (local roots), logged to the model's training run."""
+def draw_maps(
+    spark: SparkSession,
+    root: str,
+    model: ResolvedModel,
+    infer: InferConfig,
+    log_to_run: bool = True,
+    scores: Pinned | None = None,
+    ingest: Pinned | None = None,
+) -> list[Path]:
+    """Maps of the published codes under ``root``/maps (local roots), logged to the model's training run.
+    ``scores``/``ingest``: the versions to draw (default: the current ones, resolved once here)."""
     import tempfile
 
-    codes = spark.read.parquet(table_path(root, "codes"))
+    scores = scores or pin(root, "scores", spark)
+    ingest = ingest or pin(root, "ingest", spark)
+    codes = spark.read.parquet(scores.path("codes"))
     try:
-        items = spark.read.parquet(table_path(root, "items"))
+        items = spark.read.parquet(ingest.path("items"))
     except Exception:  # noqa: BLE001 - items/ is optional: maps are then uncoloured
         log.warning("no items/ table under %s: maps without titles or colours", root)
         items = None

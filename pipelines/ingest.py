@@ -59,7 +59,8 @@ def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> di
     if "item_id" not in result.items.columns:
         raise SchemaError("items: missing column 'item_id' (bigint)")
     root = cfg.paths.root
-    with publishing(root, TABLES + sorted(result.extra_tables), spark) as pub:
+    meta = {"job": "ingest", "config_hash": cfg.hash()}
+    with publishing(root, TABLES + sorted(result.extra_tables), spark, meta=meta, keep=cfg.publish.keep) as pub:
         features_dir = pub.staging("features")
         # First and alone: this job materialises the source's cached aggregate the others read.
         # Not conform(): a cast cannot drop array<float>'s containsNull; null elements are counted below.
@@ -82,6 +83,8 @@ def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> di
             summary_out = summary.result()
         quarantine_rows = counts["quarantine"]
         manifest = build_manifest(written, result, cfg, quarantine_rows, summary_out)
+        # Where this very version lies: a downstream reader pins it instead of following features/.
+        manifest["publication"] = {"set": pub.set_name, "version": pub.version, "path": pub.path}
         write_text(spark, f"{features_dir}/_manifest.json", json.dumps(manifest, indent=1))
     return manifest
 

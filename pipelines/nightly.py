@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 
 from pipelines.alignment import Alignment, procrustes
 from pipelines.config import Config, tracking_uri
-from pipelines.publish import local_path, table_path, table_uri
+from pipelines.publish import Pinned, local_path, pin, restore
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,15 @@ def champion(cfg: Config) -> Any | None:
         return None
 
 
-def _manifest(cfg: Config) -> dict[str, Any]:
-    path = local_path(table_path(cfg.paths.root, "features")) / "_manifest.json"
+def ingest_version(cfg: Config, state: NightState | None) -> Pinned:
+    """The ingest set's version this night reads: the one its ingest step published (recorded in
+    the state file, so a resumed night reads the same data), else the current one."""
+    version = ((state.results.get("ingest") or {}).get("version")) if state is not None else None
+    return Pinned(cfg.paths.root, "ingest", version) if version else pin(cfg.paths.root, "ingest")
+
+
+def _manifest(cfg: Config, state: NightState | None = None) -> dict[str, Any]:
+    path = local_path(ingest_version(cfg, state).path("features")) / "_manifest.json"
     if not path.exists():
         raise NightlyError(f"{path}: no features manifest; the ingest step has not published features/")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -180,7 +187,10 @@ def step_ingest(spark: SparkSession, cfg: Config, state: NightState) -> dict[str
     check_inputs(cfg)
     manifest = run_ingest(spark, cfg)
     keys = ("rows_in", "rows_used", "rows_quarantined", "items_out", "dim", "loads", "source")
-    return {k: manifest.get(k) for k in keys} | {"feature_names_sha": _names_sha(manifest["feature_names"])}
+    return {k: manifest.get(k) for k in keys} | {
+        "feature_names_sha": _names_sha(manifest["feature_names"]),
+        "version": manifest["publication"]["version"],
+    }
 
 
 # ---------------------------------------------------------------- 2. train
@@ -194,7 +204,7 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
     from sae_model.tracking import git_commit
     from sae_model.trainer import MlflowSettings, train
 
-    manifest = _manifest(cfg)
+    manifest = _manifest(cfg, state)
     names_sha = _names_sha(manifest["feature_names"])
     champ = champion(cfg)
     init_from, why = None, "nightly.warm_start=false"
@@ -224,7 +234,7 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
     )
     result = train(
         cfg.model, pretrain, cfg.finetune, cfg.train,
-        table_uri(cfg.paths.root, "features"), table_uri(cfg.paths.root, "items"),
+        ingest_version(cfg, state).uri("features"), ingest_version(cfg, state).uri("items"),
         settings, ckpt, fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from,
     )
     if result.model_version is None:
@@ -243,11 +253,15 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
 # ---------------------------------------------------------------- 3. evaluate
 
 
-def holdout(cfg: Config, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(ids, frozen holdout vectors, a training sample for the PCA baseline, whether it was (re)frozen now)."""
+def holdout(
+    cfg: Config, manifest: dict[str, Any], data: Pinned | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(ids, frozen holdout vectors, a training sample for the PCA baseline, whether it was (re)frozen now).
+    ``data``: the ingest version to read (default: the current one)."""
     from sae_model.data import is_validation, load_table
 
-    ids, x = load_table(table_uri(cfg.paths.root, "features"), int(manifest["dim"]))
+    data = data or pin(cfg.paths.root, "ingest")
+    ids, x = load_table(data.uri("features"), int(manifest["dim"]))
     val = is_validation(ids, cfg.train.val_fraction)
     rng = np.random.default_rng(0)
     train_rows = np.flatnonzero(~val)
@@ -290,9 +304,10 @@ def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) ->
     """Challenger and champion on the same frozen holdout rows."""
     from sae_model.data import read_labels
 
-    manifest = _manifest(cfg)
-    ids, x_hold, x_train, frozen = holdout(cfg, manifest)
-    labels = read_labels(table_uri(cfg.paths.root, "items"), ids)
+    data = ingest_version(cfg, state)
+    manifest = _manifest(cfg, state)
+    ids, x_hold, x_train, frozen = holdout(cfg, manifest, data)
+    labels = read_labels(data.uri("items"), ids)
     if labels is not None and any(v is None or v != v for v in labels):
         labels = None  # labels only when every holdout item has one
     challenger = state.results["train"]
@@ -385,24 +400,30 @@ def alignment_from_json(text: str) -> Alignment:
     return Alignment(np.array(d["rotation"]), float(d["scale"]), np.array(d["translation"]), float(d["residual"]), int(d["shared"]))
 
 
-def published_version(spark: SparkSession, cfg: Config) -> str | None:
-    """The model version the published codes/ were scored with (None: no codes yet)."""
-    path = table_path(cfg.paths.root, "codes")
-    if not Path(path).exists():
+def published_version(spark: SparkSession, cfg: Config, scores: Pinned | None = None) -> str | None:
+    """The model version the published codes/ (of ``scores``, default the current version) were
+    scored with (None: no codes yet)."""
+    scores = scores or pin(cfg.paths.root, "scores", spark)
+    if scores.version is None and not scores.exists("codes", spark):
         return None
-    row = spark.read.parquet(path).select("model_version").first()
+    row = spark.read.parquet(scores.path("codes")).select("model_version").first()
     return None if row is None else row[0]
 
 
-def fit_alignment(spark: SparkSession, cfg: Config, model_uri: str) -> tuple[Alignment | None, str]:
-    """Procrustes of the model's codes onto the published codes/ on a sample of the shared items."""
+def fit_alignment(
+    spark: SparkSession, cfg: Config, model_uri: str, scores: Pinned | None = None, data: Pinned | None = None
+) -> tuple[Alignment | None, str]:
+    """Procrustes of the model's codes onto the published codes/ on a sample of the shared items.
+    ``scores``/``data``: the scores and ingest versions to read (default: the current ones)."""
     from sae_model.loading import load_encoder
 
     root = cfg.paths.root
-    if not Path(table_path(root, "codes")).exists():
+    scores = scores or pin(root, "scores", spark)
+    data = data or pin(root, "ingest", spark)
+    if scores.version is None and not scores.exists("codes", spark):
         return None, "no published map yet"
-    old = spark.read.parquet(table_path(root, "codes")).select("item_id", F.col("code").alias("old"))
-    feats = spark.read.parquet(table_path(root, "features")).select("item_id", "features")
+    old = spark.read.parquet(scores.path("codes")).select("item_id", F.col("code").alias("old"))
+    feats = spark.read.parquet(data.path("features")).select("item_id", "features")
     shared = old.join(feats, "item_id")
     n = shared.count()
     if n > cfg.nightly.align_max_items:
@@ -424,7 +445,34 @@ def fit_alignment(spark: SparkSession, cfg: Config, model_uri: str) -> tuple[Ali
 
 
 def step_publish(spark: SparkSession, cfg: Config, state: NightState) -> dict[str, Any]:
-    """Score with the champion and publish codes/ and neighbors/ atomically, aligned to the last map.
+    """Score with the serving version and publish codes/ and neighbors/ atomically (one version of
+    the ``scores`` set), aligned to the last map; then, if promoted, move the aliases."""
+    decision = state.results["promote"]
+    version = decision["serving_version"]
+    out = score_and_publish(spark, cfg, version, job="nightly", date=state.date, data=ingest_version(cfg, state))
+    if decision["promoted"]:
+        set_champion(cfg, version)
+    return out
+
+
+def protected_models(cfg: Config) -> list[str]:
+    """Model versions whose published tables retention keeps: @champion's and @previous's."""
+    from mlflow.exceptions import MlflowException
+
+    out = []
+    for alias in (CHAMPION, PREVIOUS):
+        try:
+            out.append(str(_client().get_model_version_by_alias(cfg.mlflow.registered_model, alias).version))
+        except MlflowException:
+            pass
+    return out
+
+
+def score_and_publish(
+    spark: SparkSession, cfg: Config, version: str, job: str, date: str | None = None, data: Pinned | None = None
+) -> dict[str, Any]:
+    """Score ``data`` (an ingest version; default the current one) with model ``version`` and
+    publish the scores set; retention keeps the tables of @champion and @previous.
 
     The alignment belongs to the model version (tag ``map_alignment``, also an artefact of its run):
     it is fitted once, when the version is first published, and reused whenever that version scores
@@ -434,32 +482,38 @@ def step_publish(spark: SparkSession, cfg: Config, state: NightState) -> dict[st
     from pipelines.inference import predict_batch
     from pipelines.scoring import resolve_model
 
-    decision = state.results["promote"]
-    version = decision["serving_version"]
+    data = data or pin(cfg.paths.root, "ingest", spark)
+    scores = pin(cfg.paths.root, "scores", spark)
     client = _client()
     mv = client.get_model_version(cfg.mlflow.registered_model, version)
     uri = _model_uri(cfg, version)
     al, note = None, "alignment off (nightly.align=false)"
     if mv.tags.get(ALIGNMENT_TAG):
         al, note = alignment_from_json(mv.tags[ALIGNMENT_TAG]), "the model's stored alignment"
-    elif published_version(spark, cfg) == str(version):
+    elif published_version(spark, cfg, scores) == str(version):
         note = "model unchanged since the published map"
     elif cfg.nightly.align:
-        al, note = fit_alignment(spark, cfg, uri)
+        al, note = fit_alignment(spark, cfg, uri, scores, data)
         if al is not None:
             text = alignment_to_json(al)
             client.set_model_version_tag(cfg.mlflow.registered_model, version, ALIGNMENT_TAG, text)
             if mv.run_id:
-                client.log_text(mv.run_id, text, f"alignment/{state.date}.json")
+                client.log_text(mv.run_id, text, f"alignment/{date or dt.date.today().isoformat()}.json")
+    publish = {
+        "keep": cfg.publish.keep,
+        "protect_models": protected_models(cfg),
+        "meta": {"job": job, "config_hash": cfg.hash()},
+    }
     local = spark.sparkContext.master.startswith("local")
     with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
         model = resolve_model(uri, cfg.mlflow.registered_model, cfg.mlflow.experiment, download_to=tmp if local else None)
-        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, log_maps=True, alignment=al)
-    if decision["promoted"]:
-        set_champion(cfg, version)
+        summary = predict_batch(
+            spark, model, cfg.paths.root, cfg.infer, log_maps=True, alignment=al, publish=publish, ingest=data
+        )
     return {
         "model_uri": uri,
         "version": str(version),
+        "scores_version": summary["scores_version"],
         "items": summary["items"],
         "method": summary["method"],
         "alignment": json.loads(alignment_to_json(al)) if al is not None else None,
@@ -545,8 +599,20 @@ STEP_FUNCTIONS: dict[str, Callable[[Any, Config, NightState], dict[str, Any]]] =
 # ---------------------------------------------------------------- rollback
 
 
-def rollback_champion(cfg: Config) -> tuple[str, str]:
-    """Swap @champion and @previous; returns (new champion version, the one rolled back from)."""
+def scores_of(cfg: Config, model_version: str) -> str | None:
+    """The latest published version of the scores set that ``model_version`` scored and that is
+    still on disk (None: none left)."""
+    from pipelines.publish import history, published_versions
+
+    alive = set(published_versions(cfg.paths.root, "scores"))
+    mine = [e["version"] for e in history(cfg.paths.root, "scores") if str(e.get("model_version")) == str(model_version)]
+    mine = [v for v in mine if v in alive]
+    return mine[-1] if mine else None
+
+
+def rollback_target(cfg: Config) -> tuple[str, str | None, str | None]:
+    """(@previous's version, @champion's version, the scores version @previous published or None
+    when they are gone). Raises NightlyError when there is no @previous to roll back to."""
     from mlflow.exceptions import MlflowException
 
     client, name = _client(), cfg.mlflow.registered_model
@@ -555,7 +621,39 @@ def rollback_champion(cfg: Config) -> tuple[str, str]:
     except MlflowException:
         raise NightlyError(f"registered model {name!r} has no @{PREVIOUS} version to roll back to") from None
     cur = champion(cfg)
-    client.set_registered_model_alias(name, CHAMPION, prev.version)
-    if cur is not None:
-        client.set_registered_model_alias(name, PREVIOUS, cur.version)
-    return str(prev.version), (str(cur.version) if cur is not None else "")
+    return str(prev.version), (None if cur is None else str(cur.version)), scores_of(cfg, str(prev.version))
+
+
+def rollback_champion(cfg: Config, spark: SparkSession | None = None) -> dict[str, Any]:
+    """Roll back to @previous as a consistent pair: its model becomes @champion again *and* the
+    codes/neighbours it published become current (one pointer swap), or, when retention has
+    removed them, it scores the current features again (needs ``spark``). The tables move first and
+    the aliases last, so a crash in between is repaired by running the rollback again.
+
+    Returns ``{"champion", "rolled_back_from", "scores_version", "rescored"}``. Raises NightlyError
+    (nothing changed) when there is no @previous, or its tables are gone and cannot be re-scored:
+    no ``spark`` given, or the current features are not the feature set the model was trained on."""
+    client, name = _client(), cfg.mlflow.registered_model
+    prev, cur, scores = rollback_target(cfg)
+    rescored = False
+    if scores is not None:
+        restore(cfg.paths.root, "scores", scores, meta={"job": "rollback"})
+    else:
+        why = f"the codes/ and neighbors/ that version {prev} published are gone (publish.keep={cfg.publish.keep})"
+        if spark is None:
+            raise NightlyError(f"{why}; re-scoring needs a SparkSession")
+        trained_on = client.get_model_version(name, prev).tags.get(FEATURES_TAG)
+        now = _names_sha(_manifest(cfg)["feature_names"])
+        if trained_on not in (None, now):
+            raise NightlyError(
+                f"{why}, and version {prev} was trained on another feature set than the current features/ "
+                f"({trained_on} vs {now}), so it cannot score them again; nothing was changed"
+            )
+        log.warning("%s: scoring the current features with version %s again", why, prev)
+        scores = score_and_publish(spark, cfg, prev, job="rollback")["scores_version"]
+        rescored = True
+    client.set_registered_model_alias(name, CHAMPION, prev)
+    if cur is not None and cur != prev:
+        client.set_registered_model_alias(name, PREVIOUS, cur)
+    log.info("rolled back: @%s -> version %s (was %s), scores version %s", CHAMPION, prev, cur, scores)
+    return {"champion": prev, "rolled_back_from": cur or "", "scores_version": scores, "rescored": rescored}
