@@ -1,7 +1,10 @@
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
+import random
+import signal
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -33,25 +36,67 @@ def test_procrustes_residual_reports_real_drift():
         procrustes(old[:5], old[:6])
 
 
-def test_lock_refuses_second_holder_and_takes_over_stale(tmp_path):
+def test_lock_refuses_second_holder_and_is_free_after_release(tmp_path):
     lock = tmp_path / "nightly.lock"
-    with run_lock(lock):
-        with pytest.raises(LockHeld, match="another run holds"), run_lock(lock):
-            pass
-    assert not lock.exists()
-    # A lock left by a process that died is taken over.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout), "started": 0}))
     with run_lock(lock) as me:
-        assert json.loads(lock.read_text())["pid"] == me["pid"] == os.getpid()
-
-
-def test_lock_being_written_is_not_taken_over(tmp_path):
-    # Between the exclusive create and the write the file is empty: that is a live owner, not a stale lock.
-    lock = tmp_path / "nightly.lock"
-    lock.write_text("")
-    with pytest.raises(LockHeld, match="right now"), run_lock(lock):
+        assert json.loads((tmp_path / "nightly.lock.owner").read_text())["pid"] == me["pid"] == os.getpid()
+        with pytest.raises(LockHeld, match=rf"another run holds .*pid {os.getpid()} on .*exiting without doing anything"):
+            with run_lock(lock):
+                pass
+    assert not (tmp_path / "nightly.lock.owner").exists()
+    with run_lock(lock):  # released: the next run gets it
         pass
-    os.utime(lock, (0, 0))  # an empty file left for long: its writer died, so it is taken over
-    with run_lock(lock):
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def _hold_until_killed(path: str, held) -> None:
+    with run_lock(path):
+        held.set()
+        threading.Event().wait()  # until SIGKILL
+
+
+def test_lock_of_a_killed_run_is_free_at_once(tmp_path):
+    lock = str(tmp_path / "nightly.lock")
+    ctx = multiprocessing.get_context("fork")
+    held = ctx.Event()
+    proc = ctx.Process(target=_hold_until_killed, args=(lock, held))
+    proc.start()
+    assert held.wait(20)
+    with pytest.raises(LockHeld, match=f"pid {proc.pid}"), run_lock(lock):
+        pass
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up runs, the owner file stays behind
+    proc.join(20)
+    assert json.loads((tmp_path / "nightly.lock.owner").read_text())["pid"] == proc.pid
+    with run_lock(lock) as me:
+        assert json.loads((tmp_path / "nightly.lock.owner").read_text())["pid"] == me["pid"] == os.getpid()
+
+
+def _contend(path: str, start, tried, seed: int) -> None:
+    spin = random.Random(seed).randrange(20000)  # a seeded head start, so rounds interleave differently
+    start.wait()
+    for _ in range(spin):
+        pass
+    try:
+        with run_lock(path):
+            tried.wait()  # hold it until the other one has tried
+            code = 10
+    except LockHeld:
+        tried.wait()
+        code = 11
+    os._exit(code)
+
+
+def test_two_runs_racing_for_a_dead_runs_lock_exactly_one_wins(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for seed in range(40):
+        lock = tmp_path / f"round{seed}.lock"
+        # What a killed run of the old O_EXCL lock left behind: a lock naming a dead process.
+        dead = {"host": socket.gethostname(), "pid": 999999999, "started": 0}
+        lock.write_text(json.dumps(dead))
+        lock.with_name(lock.name + ".owner").write_text(json.dumps(dead))
+        start, tried = ctx.Barrier(2), ctx.Barrier(2)
+        procs = [ctx.Process(target=_contend, args=(str(lock), start, tried, seed * 2 + i)) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert sorted(p.exitcode for p in procs) == [10, 11], f"seed {seed}"
