@@ -402,9 +402,15 @@ def alignment_from_json(text: str) -> Alignment:
 
 def published_version(spark: SparkSession, cfg: Config, scores: Pinned | None = None) -> str | None:
     """The model version the published codes/ (of ``scores``, default the current version) were
-    scored with (None: no codes yet)."""
+    scored with (None: no codes yet): from the publication history, else from the table."""
+    from pipelines.publish import history
+
     scores = scores or pin(cfg.paths.root, "scores", spark)
-    if scores.version is None and not scores.exists("codes", spark):
+    if scores.version is not None:
+        for e in reversed(history(cfg.paths.root, "scores", spark)):
+            if e["version"] == scores.version and e.get("model_version") is not None:
+                return str(e["model_version"])
+    if not scores.exists("codes", spark):
         return None
     row = spark.read.parquet(scores.path("codes")).select("model_version").first()
     return None if row is None else row[0]
