@@ -5,8 +5,8 @@
     spark-submit jobs/nightly.py --config conf/local.yaml
 
 Steps (``pipelines.nightly.STEPS``): ingest, train, evaluate, promote, publish, report. One run at a
-time (a lock under ``paths.root/nightly/``; a second run exits at once with code 75, a stale lock of a
-dead process is taken over). ``paths.root/nightly/DATE.json`` records the steps done: re-running a
+time (an OS lock under ``paths.root/nightly/``, released by the kernel when its process dies; a
+second run exits at once with code 75). ``paths.root/nightly/DATE.json`` records the steps done: re-running a
 night that succeeded does nothing; re-running one that failed continues with the step that failed.
 A failure exits 1 naming the step; yesterday's codes/, neighbors/ and champion keep serving.
 """
