@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from jobs.common import resolve, setup_logging
-from pipelines.publish import table_uri
+from pipelines.publish import Pinned, scored_pair
 
 DESCRIPTION = (
     "Print the nearest items to QUERY: an item id, or a case-insensitive piece of a title "
@@ -28,10 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=None, help="show at most this many neighbours (default: all published)")
 
 
-def _dataset(root: str, table: str) -> ds.Dataset:
+def _dataset(root: str, version: Pinned, table: str) -> ds.Dataset:
     from pyarrow import fs
 
-    uri = table_uri(root, table)
+    uri = version.uri(table)
     filesystem, path = fs.FileSystem.from_uri(uri)
     try:
         return ds.dataset(path, filesystem=filesystem, format="parquet")
@@ -68,7 +68,8 @@ def describe(row: dict) -> str:
 
 
 def lookup(root: str, query: str, k: int | None = None) -> int:
-    item_ds = _dataset(root, "items")
+    scores, ingest = scored_pair(root)  # the neighbours and the items they were computed from
+    item_ds = _dataset(root, ingest, "items")
     cols = [c for c in ("item_id", "title", "genres", "label") if c in item_ds.schema.names]
     items = item_ds.to_table(columns=cols)
     item_id, rows = find_item(items, query)
@@ -82,7 +83,7 @@ def lookup(root: str, query: str, k: int | None = None) -> int:
         if rows.num_rows > MAX_CANDIDATES:
             print(f"  ... and {rows.num_rows - MAX_CANDIDATES} more")
         return 1
-    nb = _dataset(root, "neighbors").to_table(filter=ds.field("item_id") == item_id).sort_by("rank")
+    nb = _dataset(root, scores, "neighbors").to_table(filter=ds.field("item_id") == item_id).sort_by("rank")
     if k is not None:
         nb = nb.slice(0, k)
     meta = {r["item_id"]: r for r in items.filter(pc.is_in(items.column("item_id"), nb.column("neighbor_id"))).to_pylist()}

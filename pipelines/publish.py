@@ -270,6 +270,27 @@ def table_uri(root: str, table: str, spark: Any = None) -> str:
     return pin(root, set_of(table), spark).uri(table)
 
 
+def publication(pinned: Pinned, spark: Any = None) -> dict[str, Any]:
+    """What a version is (its ``_publication.json``: ``set``, ``version``, ``path``, ``tables``,
+    ``time``, ``job``, ``model_version`` and ``ingest_version`` for scores); {} if unknown."""
+    if pinned.version is None:
+        return {}
+    text = _fs(pinned.root, spark).read_text(f"{version_path(pinned.root, pinned.set_name, pinned.version)}/{PUBLICATION}")
+    return json.loads(text) if text else {}
+
+
+def scored_pair(root: str, spark: Any = None) -> tuple[Pinned, Pinned]:
+    """(current scores version, the ingest version it was scored from): codes/neighbours and the
+    items they describe, one consistent pair. The ingest version falls back to the current one
+    when the scored one has been removed by retention."""
+    scores = pin(root, "scores", spark)
+    scored_from = publication(scores, spark).get("ingest_version")
+    ingest = Pinned(root, "ingest", scored_from) if scored_from else pin(root, "ingest", spark)
+    if scored_from and not _fs(root, spark).exists(version_path(root, "ingest", scored_from)):
+        ingest = pin(root, "ingest", spark)
+    return scores, ingest
+
+
 def history(root: str, set_name: str, spark: Any = None) -> list[dict[str, Any]]:
     """The publication log of a set, oldest first: one dict per event (``publish``, ``rollback``,
     ``repair``) with ``version``, ``time`` (UTC ISO), ``job``, ``model_version``, ``config_hash``."""

@@ -205,3 +205,28 @@ def test_plain_directory_from_older_layout_is_kept(tmp_path):
     assert legacy.endswith("-legacy")
     restore(str(tmp_path), "ingest", legacy)
     assert read_pair(str(tmp_path)) == (7, 7)
+
+
+def test_neighbors_lookup_reads_the_items_its_neighbours_were_computed_from(tmp_path, capsys):
+    from jobs.neighbors import lookup
+
+    root = str(tmp_path)
+
+    def ingest(title: str) -> str:
+        with publishing(root, ["features", "items", "quarantine"]) as pub:
+            for t in ("features", "quarantine"):
+                Path(pub.staging(t)).mkdir()
+            Path(pub.staging("items")).mkdir()
+            pq.write_table(pa.table({"item_id": [1, 2], "title": [f"{title} one", f"{title} two"]}), f"{pub.path}/items/p.parquet")
+        return pub.version
+
+    scored_from = ingest("old")
+    with publishing(root, ["codes", "neighbors"], meta={"ingest_version": scored_from}) as pub:
+        Path(pub.staging("codes")).mkdir()
+        Path(pub.staging("neighbors")).mkdir()
+        nb = {"item_id": [1], "neighbor_id": [2], "rank": [1], "distance": [0.5]}
+        pq.write_table(pa.table(nb), f"{pub.path}/neighbors/p.parquet")
+    ingest("new")  # a newer ingest, not scored yet
+    assert lookup(root, "1") == 0
+    out = capsys.readouterr().out
+    assert "old one" in out and "old two" in out and "new" not in out
