@@ -460,6 +460,8 @@ def _append_history(fs: _LocalFs | _HadoopFs, root: str, set_name: str, record: 
         "model_version": record.get("model_version"),
         "config_hash": record.get("config_hash"),
         "tables": record.get("tables"),
+        # Whatever else the job recorded (e.g. the ingest version a scores set was computed from).
+        **{k: v for k, v in record.items() if k not in ("set", "version", "path", "time", "tables")},
     }
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     # One new immutable file per event: append-only on every filesystem (S3 has no append).
@@ -545,6 +547,8 @@ def _adopt_legacy(root: str, set_name: str) -> None:
     fs.set_pointer(str(base / SETS_DIR / set_name / POINTER), version)
     _append_history(fs, root, set_name, record, "publish")
     log.warning("adopted the older layout's %s under %s as version %s of set %s", ", ".join(present), root, version, set_name)
+    if (base / ".versions").exists():
+        log.warning("%s holds the older layout's earlier versions, no longer used: delete it when you no longer need them", base / ".versions")
 
 
 def repair(root: str, set_name: str, spark: Any = None, keep: int = KEEP_VERSIONS, protect_models: Iterable[str] = ()) -> None:
@@ -587,14 +591,3 @@ def restore(root: str, set_name: str, version: str, spark: Any = None, meta: dic
         _derive_links(root, set_name, version)
     log.info("set %s under %s: version %s is current again", set_name, root, version)
     return Pinned(root, set_name, version)
-
-
-def previous_version(root: str, set_name: str, spark: Any = None) -> str | None:
-    """The published version made current before the current one (None: there is none left)."""
-    current = current_version(root, set_name, spark)
-    events = [e["version"] for e in history(root, set_name, spark)]
-    alive = set(published_versions(root, set_name, spark))
-    for v in reversed(events):
-        if v != current and v in alive:
-            return v
-    return None
