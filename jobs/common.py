@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,12 @@ def spark_session(cfg: Config) -> Iterator[Any]:
     finally:
         if not under_spark_submit():
             spark.stop()
+
+
+def training_session(cfg: Config) -> Any:
+    """A context giving the SparkSession training needs: the job's session when
+    ``train.distributed.num_processes > 1`` (TorchDistributor runs on Spark), else None."""
+    return spark_session(cfg) if cfg.train.distributed.num_processes > 1 else nullcontext()
 
 
 def record_config(cfg: Config, stage: str) -> Path | None:
