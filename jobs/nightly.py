@@ -37,12 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", action="append", default=None, help="run only this step (repeatable); earlier steps must be done")
 
 
-def lock_path(cfg: Config) -> str:
-    from pipelines.publish import local_path
-
-    return str(local_path(cfg.paths.root) / "nightly" / "nightly.lock")
-
-
 def needs_spark(cfg: Config, pending: list[str]) -> bool:
     """Whether one of the ``pending`` steps needs a SparkSession: ingest and publish always, train
     when ``train.distributed.num_processes > 1`` (TorchDistributor runs on Spark)."""
@@ -66,7 +60,7 @@ def run(cfg: Config, only: list[str] | None = None, spark: Any = None) -> dict:
     state file has recorded which step failed."""
     from pipelines.config import tracking_uri
     from pipelines.lock import run_lock
-    from pipelines.nightly import NightState, night_date, run_steps
+    from pipelines.nightly import NightState, lock_path, night_date, run_steps
 
     with run_lock(lock_path(cfg), stale_after=cfg.nightly.lock_stale_after_s):
         state = NightState.load(cfg.paths.root, night_date(cfg))

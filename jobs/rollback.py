@@ -18,9 +18,9 @@ TABLES = ("codes", "neighbors")
 def run(cfg: Config) -> dict:
     import mlflow
 
-    from jobs.nightly import lock_path
+    from pipelines.config import tracking_uri
     from pipelines.lock import run_lock
-    from pipelines.nightly import rollback_champion, tracking_uri
+    from pipelines.nightly import lock_path, rollback_champion
     from pipelines.publish import local_path, rollback, versions
 
     with run_lock(lock_path(cfg), stale_after=cfg.nightly.lock_stale_after_s):  # never under a running night

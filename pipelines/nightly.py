@@ -32,11 +32,12 @@ from pyspark.sql import functions as F
 from pipelines.alignment import Alignment, procrustes
 from pipelines.config import Config, tracking_uri
 from pipelines.publish import local_path, table_path, table_uri
+from pipelines.scoring import CHAMPION_ALIAS as CHAMPION
 
 log = logging.getLogger(__name__)
 
 STEPS = ["ingest", "train", "evaluate", "promote", "publish", "report"]
-CHAMPION, PREVIOUS = "champion", "previous"
+PREVIOUS = "previous"  # the alias the old champion keeps (CHAMPION: pipelines.scoring)
 ALIGNMENT_TAG = "map_alignment"  # model-version tag: the transform its codes are published with
 FEATURES_TAG = "feature_names_sha"  # model-version tag: which feature set the model was trained on
 LOWER_IS_BETTER = ("ae_squared_error",)
@@ -81,6 +82,11 @@ class NightState:
 
     def pending(self) -> list[str]:
         return [s for s in STEPS if s not in self.completed]
+
+
+def lock_path(cfg: Config) -> str:
+    """The one-run-at-a-time lock of ``sae nightly`` (and ``sae rollback``): ``paths.root/nightly/nightly.lock``."""
+    return str(local_path(cfg.paths.root) / "nightly" / "nightly.lock")
 
 
 def night_date(cfg: Config) -> str:

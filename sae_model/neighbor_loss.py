@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sae_model.config import NeighbourLoss
 
 # UMAP's floor on sigma, relative to the mean neighbour distance (umap-learn MIN_K_DIST_SCALE).
 _MIN_K_DIST_SCALE = 1e-3
@@ -364,7 +366,7 @@ def umap_edge_loss(
 
 
 def neighbor_loss(
-    kind: Literal["tsne", "umap"],
+    kind: NeighbourLoss,
     x_batch: torch.Tensor,
     codes: torch.Tensor,
     cfg_like: Any = None,
