@@ -113,10 +113,10 @@ def sklearn_scores(x: np.ndarray, y: np.ndarray, codes: np.ndarray) -> dict[str,
 def run_sae(root: Path, loss: str, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+    from sae_model.config import NEIGHBOUR_LOSSES, FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
     from sae_model.trainer import MlflowSettings, train
 
-    neighbour = loss in ("tsne", "umap")
+    neighbour = loss in NEIGHBOUR_LOSSES
     fine = FinetuneConfig(
         epochs=args.nb_epochs if neighbour else args.recon_epochs,
         lr=args.nb_lr if neighbour else args.recon_lr,

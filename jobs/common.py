@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,12 @@ def spark_session(cfg: Config) -> Iterator[Any]:
             spark.stop()
 
 
+def training_session(cfg: Config) -> Any:
+    """A context giving the SparkSession training needs: the job's session when
+    ``train.distributed.num_processes > 1`` (TorchDistributor runs on Spark), else None."""
+    return spark_session(cfg) if cfg.train.distributed.num_processes > 1 else nullcontext()
+
+
 def record_config(cfg: Config, stage: str) -> Path | None:
     """Keep the fully resolved config each command ran with under ``paths.root/runs/``."""
     if not is_local(cfg.paths.root):
@@ -172,3 +178,17 @@ def record_config(cfg: Config, stage: str) -> Path | None:
     path = out / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{stage}.yaml"
     path.write_text(f"# sae {stage}, config hash {cfg.hash()}\n" + cfg.to_yaml(), encoding="utf-8")
     return path
+
+
+def print_summary(summary: dict) -> None:
+    """What ``sae infer`` and ``sae run`` print: the tables, the maps, the model and the MLflow store."""
+    print(f"codes:      {summary['codes']}  ({summary['items']:,} items, code width {summary['code_width']})")
+    rec = f", recall@k against exact {summary['recall']:.4f}" if "recall" in summary else ""
+    print(f"neighbours: {summary['neighbors']}  (method {summary['method']}{rec})")
+    for path in summary.get("maps", []):
+        print(f"map:        {path}")
+    print(f"model:      {summary['model_uri']} (run {summary['run_id']}, version {summary['model_version']})")
+    uri = summary.get("tracking_uri", "")
+    print(f"MLflow:     {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"            open the UI with: mlflow ui --backend-store-uri {uri}")

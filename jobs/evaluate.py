@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from typing import Any
 
 from jobs.common import log, new_parser, record_config, resolve, setup_logging
-from pipelines.config import Config, ConfigError
-from pipelines.publish import Pinned, pin
+from pipelines.config import Config, ConfigError, tracking_uri
+from pipelines.publish import pin
 
 DESCRIPTION = (
     "Score a trained map on the validation split: squared error per item, kNN label accuracy, "
@@ -65,45 +63,10 @@ def find_run(model_uri: str | None, experiment: str) -> tuple[str, str | None]:
     return model_uri, None  # a local saved-model directory: evaluated into a new run
 
 
-def evaluate_and_log(
-    cfg: Config,
-    encoder: Any,
-    run_id: str | None,
-    val_fraction: float,
-    train_seconds: float | None = None,
-    ingest: Pinned | None = None,
-) -> dict:
-    """Evaluate ``encoder`` on ``paths.root``'s tables; log into ``run_id`` (or a new ``evaluate`` run).
-    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits.
-    ``ingest``: the version of the ingest set to read (the one training read); default: the current
-    one, resolved once here."""
-    import mlflow
-
-    from sae_model import tracking
-    from sae_model.evaluate import evaluate_model
-    from sae_model.evaluation import format_metrics_table
-
-    ingest = ingest or pin(cfg.paths.root, "ingest")
-    features, items = ingest.uri("features"), ingest.uri("items")
-    with tempfile.TemporaryDirectory() as tmp:
-        result = evaluate_model(encoder, features, items, val_fraction, cfg.evaluate, tmp)
-        if train_seconds is not None:
-            result.metrics["ae_fit_seconds"] = train_seconds
-        table = format_metrics_table(result.metrics)
-        if run_id is None:
-            tracking.use_experiment(cfg.mlflow.experiment)
-            with mlflow.start_run(tags={"stage": "evaluate"}) as run:
-                run_id = run.info.run_id
-                mlflow.log_param("train.val_fraction", val_fraction)
-        tracking.log_evaluation(run_id, result.metrics, result.figure, table)
-    log.info("evaluation (run %s):\n%s", run_id, table)
-    return {"run_id": run_id, "metrics": result.metrics, "table": table}
-
-
 def run(cfg: Config, model_uri: str | None = None) -> dict:
     import mlflow
 
-    from jobs.train import tracking_uri
+    from sae_model.evaluate import evaluate_and_log
     from sae_model.loading import load_encoder
 
     record_config(cfg, "evaluate")
@@ -116,7 +79,11 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
             log.info("using the model's own split: train.val_fraction=%s (config has %s)", trained_with, val_fraction)
             val_fraction = float(trained_with)
     encoder = load_encoder(uri)
-    out = evaluate_and_log(cfg, encoder, run_id, val_fraction)
+    ingest = pin(cfg.paths.root, "ingest")  # one version of features/ and items/ for the whole evaluation
+    out = evaluate_and_log(
+        encoder, ingest.uri("features"), ingest.uri("items"), val_fraction, cfg.evaluate,
+        run_id, cfg.mlflow.experiment,
+    )
     out["model_uri"] = uri
     return out
 

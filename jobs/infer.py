@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
-from pipelines.config import Config, tracking_uri
+from jobs.common import log, new_parser, print_summary, record_config, resolve, setup_logging, spark_session
+from pipelines.config import Config
 
 DESCRIPTION = (
     "Score every item with a tracked model (default: models:/<registered>@champion, else the latest "
@@ -20,48 +19,19 @@ DESCRIPTION = (
 )
 
 
-
-
 def run(cfg: Config, model_uri: str | None = None) -> dict:
     """Infer with ``model_uri`` (else ``infer.model_uri``, else the default model); returns the summary."""
-    import mlflow
+    from pipelines.inference import infer_from_config
 
-    from pipelines.inference import predict_batch
-    from pipelines.scoring import resolve_model
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
     record_config(cfg, "infer")
-    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp, spark_session(cfg) as spark:
-        # On one machine the artefacts are downloaded once and every worker loads them from disk.
-        local = spark.sparkContext.master.startswith("local")
-        model = resolve_model(
-            model_uri or cfg.infer.model_uri,
-            registered_model=cfg.mlflow.registered_model,
-            experiment=cfg.mlflow.experiment,
-            download_to=tmp if local else None,
-        )
-        publish = {"keep": cfg.publish.keep, "meta": {"job": "infer", "config_hash": cfg.hash()}}
-        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish)
-    summary["tracking_uri"] = mlflow.get_tracking_uri()
+    with spark_session(cfg) as spark:
+        summary = infer_from_config(spark, cfg, model_uri)
     log.info(
         "infer done: %s items scored with %s; neighbours by %s%s -> %s",
         summary["items"], summary["model_uri"], summary["method"],
         f" (recall {summary['recall']})" if "recall" in summary else "", cfg.paths.root,
     )
     return summary
-
-
-def print_summary(summary: dict) -> None:
-    print(f"codes:      {summary['codes']}  ({summary['items']:,} items, code width {summary['code_width']})")
-    rec = f", recall@k against exact {summary['recall']:.4f}" if "recall" in summary else ""
-    print(f"neighbours: {summary['neighbors']}  (method {summary['method']}{rec})")
-    for path in summary.get("maps", []):
-        print(f"map:        {path}")
-    print(f"model:      {summary['model_uri']} (run {summary['run_id']}, version {summary['model_version']})")
-    uri = summary.get("tracking_uri", "")
-    print(f"MLflow:     {uri}")
-    if uri.startswith("sqlite:"):
-        print(f"            open the UI with: mlflow ui --backend-store-uri {uri}")
 
 
 def main(argv: list[str] | None = None) -> int:

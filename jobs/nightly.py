@@ -30,17 +30,18 @@ DESCRIPTION = (
 # Test hook: the process dies (as if killed) right after this step is recorded.
 EXIT_AFTER_ENV = "SAE_TEST_NIGHTLY_EXIT_AFTER"
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the lock; the scheduler may try again later
-NEEDS_SPARK = {"ingest", "publish"}
+NEEDS_SPARK = {"ingest", "publish"}  # and "train" when training is distributed (see needs_spark)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", action="append", default=None, help="run only this step (repeatable); earlier steps must be done")
 
 
-def lock_path(cfg: Config) -> str:
-    from pipelines.publish import local_path
-
-    return str(local_path(cfg.paths.root) / "nightly" / "nightly.lock")
+def needs_spark(cfg: Config, pending: list[str]) -> bool:
+    """Whether one of the ``pending`` steps needs a SparkSession: ingest and publish always, train
+    when ``train.distributed.num_processes > 1`` (TorchDistributor runs on Spark)."""
+    steps = NEEDS_SPARK | ({"train"} if cfg.train.distributed.num_processes > 1 else set())
+    return bool(steps & set(pending))
 
 
 def _die_after(step: str) -> None:
@@ -57,8 +58,9 @@ def run(cfg: Config, only: list[str] | None = None, spark: Any = None) -> dict:
     only if a pending step needs it.
     Raises ``LockHeld`` when another run holds the lock, and re-raises a step's error after the
     state file has recorded which step failed."""
+    from pipelines.config import tracking_uri
     from pipelines.lock import run_lock
-    from pipelines.nightly import NightState, night_date, run_steps, tracking_uri
+    from pipelines.nightly import NightState, lock_path, night_date, run_steps
 
     with run_lock(lock_path(cfg), stale_after=cfg.nightly.lock_stale_after_s):
         state = NightState.load(cfg.paths.root, night_date(cfg))
@@ -71,7 +73,7 @@ def run(cfg: Config, only: list[str] | None = None, spark: Any = None) -> dict:
         if state.completed:
             log.info("night %s: continuing after %s", state.date, ", ".join(state.completed))
         record_config(cfg, "nightly")
-        if spark is not None or not NEEDS_SPARK & set(pending):
+        if spark is not None or not needs_spark(cfg, pending):
             ctx = nullcontext(spark)
         else:
             ctx = spark_session(cfg)

@@ -21,9 +21,9 @@ DESCRIPTION = (
 def run(cfg: Config) -> dict:
     import mlflow
 
-    from jobs.nightly import lock_path
+    from pipelines.config import tracking_uri
     from pipelines.lock import run_lock
-    from pipelines.nightly import rollback_champion, rollback_target, tracking_uri
+    from pipelines.nightly import lock_path, rollback_champion, rollback_target
 
     with run_lock(lock_path(cfg), stale_after=cfg.nightly.lock_stale_after_s):  # never under a running night
         mlflow.set_tracking_uri(tracking_uri(cfg))

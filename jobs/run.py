@@ -8,20 +8,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import log, new_parser, resolve, setup_logging, spark_session
+from jobs.common import log, new_parser, print_summary, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config
 
 DESCRIPTION = "Run ingest, training and inference in turn; print where the tables, maps and MLflow store are."
 
 
 def run(cfg: Config) -> dict:
-    from jobs import infer, ingest, train
+    """The library's ingest, training (with its evaluation) and inference in turn, on one SparkSession;
+    returns the inference summary. Each stage's resolved config is recorded as its own job does."""
+    from pipelines.inference import infer_from_config
+    from pipelines.ingest import check_inputs, run_ingest
+    from pipelines.training import train_and_evaluate
 
-    # One SparkSession for the ingest and inference stages (training itself needs none locally).
-    with spark_session(cfg):
-        manifest = ingest.run(cfg)
+    check_inputs(cfg)  # missing files / wrong headers fail before Spark starts or outputs are touched
+    with spark_session(cfg) as spark:
+        record_config(cfg, "ingest")
+        manifest = run_ingest(spark, cfg)
         log.info("ingest: %s items", manifest.get("items_out"))
-        trained = train.run(cfg)
+        record_config(cfg, "train")
+        trained = train_and_evaluate(cfg, spark)
         log.info(
             "train: model %s (run %s, version %s)", trained["model_uri"], trained.get("run_id"), trained.get("model_version")
         )
@@ -30,7 +36,8 @@ def run(cfg: Config) -> dict:
         model_uri = trained["model_uri"]
         if trained.get("model_version") and cfg.mlflow.registered_model:
             model_uri = f"models:/{cfg.mlflow.registered_model}/{trained['model_version']}"
-        return infer.run(cfg, model_uri=model_uri)
+        record_config(cfg, "infer")
+        return infer_from_config(spark, cfg, model_uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command(args: argparse.Namespace) -> int:
-    from jobs.infer import print_summary
-
     setup_logging()
     summary = run(resolve(args))
     print_summary(summary)

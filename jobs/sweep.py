@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.common import log, new_parser, setup_logging
+from jobs.common import log, new_parser, setup_logging, training_session
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.sweep import best_trial, grid_trials, parse_grid, parse_ranges, random_trials
 
@@ -59,6 +59,14 @@ def expand(grid: list[str], ranges: list[str], n_random: int, seed: int) -> list
     return grid_trials(choices)
 
 
+def train_trial(cfg: Config, extra_tags: dict[str, str]) -> dict[str, Any]:
+    """One trial: what ``sae train`` does (``pipelines.training.train_and_evaluate``), in a child run."""
+    from pipelines.training import train_and_evaluate
+
+    with training_session(cfg) as spark:
+        return train_and_evaluate(cfg, spark, extra_tags=extra_tags)
+
+
 def run(
     config_file: str | None,
     preset: str | None,
@@ -74,16 +82,16 @@ def run(
     import mlflow
     from mlflow import MlflowClient
 
-    from jobs import train
+    from pipelines.config import tracking_uri
     from sae_model.data import DataError
     from sae_model.tracking import git_commit, use_experiment
     from sae_model.trainer import TrainingDiverged
 
-    train_fn = train_fn or train.run
+    train_fn = train_fn or train_trial
     base = list(overrides) + ([] if register else ["mlflow.registered_model="])
     cfgs: list[Config] = [load_config(config_file, base + t, preset) for t in trials]  # fail fast on a bad key
     base_cfg = load_config(config_file, base, preset)
-    exp_id = use_experiment(base_cfg.mlflow.experiment, train.tracking_uri(base_cfg))
+    exp_id = use_experiment(base_cfg.mlflow.experiment, tracking_uri(base_cfg))
     client = MlflowClient()
     name = name or time.strftime("sweep-%Y%m%dT%H%M%S", time.gmtime())
     parent = client.create_run(exp_id, run_name=name, tags={

@@ -37,7 +37,9 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
-SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc")
+# The names of data.source; pipelines.sources registers one reader under each (tests check both agree).
+SourceName = Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc"]
+SOURCES: tuple[str, ...] = typing.get_args(SourceName)
 
 
 class ConfigError(ValueError):
@@ -150,7 +152,7 @@ def _check_date(value: str, key: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc"] = "mnist"
+    source: SourceName = "mnist"
     # A directory or a file; relative paths are resolved against the working directory.
     input: str = "data/mnist"
     # Cap on items read (0 = all); handy for smoke runs on real downloads.

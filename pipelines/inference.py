@@ -17,7 +17,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.alignment import Alignment
-from pipelines.config import InferConfig
+from pipelines.config import Config, InferConfig, tracking_uri
 from pipelines.maps import write_maps
 from pipelines.neighbors import recall_at_k, top_k_neighbors
 from pipelines.publish import Pinned, is_local, local_path, pin, publishing
@@ -145,6 +145,33 @@ def predict_batch(
         summary["maps"] = [str(p) for p in draw_maps(spark, root, model, infer, log_maps, scores, ingest)]
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def infer_from_config(spark: SparkSession, cfg: Config, model_uri: str | None = None) -> dict[str, Any]:
+    """Pin the model (``model_uri``, else ``infer.model_uri``, else ``@champion``, else the newest
+    logged model), then ``predict_batch`` over ``paths.root``; returns its summary plus the MLflow
+    ``tracking_uri``. On a local master the artefacts are downloaded once and every worker loads
+    them from disk."""
+    import tempfile
+
+    import mlflow
+
+    from pipelines.scoring import resolve_model
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
+        local = spark.sparkContext.master.startswith("local")
+        model = resolve_model(
+            model_uri or cfg.infer.model_uri,
+            registered_model=cfg.mlflow.registered_model,
+            experiment=cfg.mlflow.experiment,
+            download_to=tmp if local else None,
+        )
+        publish = {"keep": cfg.publish.keep, "meta": {"job": "infer", "config_hash": cfg.hash()}}
+        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish)
+    summary["tracking_uri"] = mlflow.get_tracking_uri()
+    return summary
+
 
 
 def draw_maps(

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ from pyspark.sql import functions as F
 from pipelines.alignment import Alignment, procrustes
 from pipelines.config import Config, tracking_uri
 from pipelines.publish import Pinned, local_path, pin, restore
+from pipelines.scoring import CHAMPION_ALIAS as CHAMPION
 
 log = logging.getLogger(__name__)
 
 STEPS = ["ingest", "train", "evaluate", "promote", "publish", "report"]
-CHAMPION, PREVIOUS = "champion", "previous"
+PREVIOUS = "previous"  # the alias the old champion keeps (CHAMPION: pipelines.scoring)
 ALIGNMENT_TAG = "map_alignment"  # model-version tag: the transform its codes are published with
 FEATURES_TAG = "feature_names_sha"  # model-version tag: which feature set the model was trained on
 LOWER_IS_BETTER = ("ae_squared_error",)
@@ -81,6 +82,11 @@ class NightState:
 
     def pending(self) -> list[str]:
         return [s for s in STEPS if s not in self.completed]
+
+
+def lock_path(cfg: Config) -> str:
+    """The one-run-at-a-time lock of ``sae nightly`` (and ``sae rollback``): ``paths.root/nightly/nightly.lock``."""
+    return str(local_path(cfg.paths.root) / "nightly" / "nightly.lock")
 
 
 def night_date(cfg: Config) -> str:
@@ -197,12 +203,13 @@ def step_ingest(spark: SparkSession, cfg: Config, state: NightState) -> dict[str
 
 
 def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
-    """Train the challenger, warm-started from the champion's weights when configured and possible.
+    """Train the challenger (``pipelines.training.train_from_config``, so ``train.distributed.*`` holds
+    as for ``sae train``: more than one process trains on ``spark``), warm-started from the
+    champion's weights when configured and possible.
 
     Checkpoints go to ``checkpoints/nightly-DATE``: a re-run after a crash continues the same MLflow
     run. The challenger is registered (a new version) but gets no alias here."""
-    from sae_model.tracking import git_commit
-    from sae_model.trainer import MlflowSettings, train
+    from pipelines.training import train_from_config
 
     manifest = _manifest(cfg, state)
     names_sha = _names_sha(manifest["feature_names"])
@@ -215,38 +222,24 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
             why = "the feature set changed since the champion was trained"
         else:
             init_from, why = _model_uri(cfg, champ.version), f"champion version {champ.version}"
-    pretrain = replace(cfg.pretrain, epochs=0) if init_from else cfg.pretrain
     log.info("challenger: %s (%s)", "warm start" if init_from else "from scratch", why)
-    ckpt = local_path(cfg.paths.root) / "checkpoints" / f"nightly-{state.date}"
-    settings = MlflowSettings(
-        tracking_uri=state.tracking_uri or tracking_uri(cfg),
-        experiment=cfg.mlflow.experiment,
-        registered_model=cfg.mlflow.registered_model,
-        params=cfg.flat(),
-        tags={
-            "git_commit": git_commit(Path(__file__).resolve().parent.parent),
-            "config_hash": cfg.hash(),
-            "stage": "nightly-challenger",
-            "nightly_date": state.date,
-            "warm_start_from": init_from or "",
-        },
-        config_text=cfg.to_yaml(),
+    result = train_from_config(
+        cfg, spark,
+        checkpoint_dir=str(local_path(cfg.paths.root) / "checkpoints" / f"nightly-{state.date}"),
+        fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from, stage="nightly-challenger",
+        extra_tags={"nightly_date": state.date, "warm_start_from": init_from or ""},
+        ingest=ingest_version(cfg, state),
     )
-    result = train(
-        cfg.model, pretrain, cfg.finetune, cfg.train,
-        ingest_version(cfg, state).uri("features"), ingest_version(cfg, state).uri("items"),
-        settings, ckpt, fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from,
-    )
-    if result.model_version is None:
+    if result["model_version"] is None:
         raise NightlyError("the challenger was not registered: set mlflow.registered_model")
-    _client().set_model_version_tag(cfg.mlflow.registered_model, result.model_version, FEATURES_TAG, names_sha)
+    _client().set_model_version_tag(cfg.mlflow.registered_model, result["model_version"], FEATURES_TAG, names_sha)
     return {
-        "model_uri": _model_uri(cfg, result.model_version),
-        "run_id": result.run_id,
-        "version": result.model_version,
+        "model_uri": _model_uri(cfg, result["model_version"]),
+        "run_id": result["run_id"],
+        "version": result["model_version"],
         "warm_start": bool(init_from),
         "warm_start_reason": why,
-        "train_metrics": result.metrics,
+        "train_metrics": result["metrics"],
     }
 
 

@@ -7,7 +7,11 @@ Plain frozen dataclasses so they can be built without Spark; the root config in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+# The fine-tuning losses that place neighbours (t-SNE's and UMAP's) rather than reconstruct.
+NeighbourLoss = Literal["tsne", "umap"]
+NEIGHBOUR_LOSSES: tuple[str, ...] = get_args(NeighbourLoss)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class FinetuneConfig:
     # Learning rate over the fine-tuning epochs: constant, or decayed per epoch from lr towards 0
     # (linear, as UMAP's optimiser; or cosine). Set from the epoch number, so a resume continues it.
     lr_decay: Literal["none", "linear", "cosine"] = "none"
-    loss: Literal["mse", "bce", "tsne", "umap"] = "mse"
+    loss: Literal["mse", "bce", NeighbourLoss] = "mse"
     # Weight of the reconstruction term when loss is a neighbour loss (tsne/umap).
     recon_weight: float = 0.0
     # Fraction of the encoder's inputs zeroed in each fine-tuning step (0 = none); the targets
@@ -107,7 +111,7 @@ class FinetuneConfig:
 
     @property
     def is_neighbor_loss(self) -> bool:
-        return self.loss in ("tsne", "umap")
+        return self.loss in NEIGHBOUR_LOSSES
 
     @property
     def uses_global_graph(self) -> bool:

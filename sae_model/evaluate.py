@@ -170,3 +170,38 @@ def evaluate_model(
         figure = plot_maps_side_by_side(maps, plot_labels, Path(out_dir) / MAPS_PNG, sub_title)
     log.info("evaluation on %d validation items (%d for neighbourhoods): %s", n_val, len(sub), metrics)
     return Evaluation(metrics, figure, kind)
+
+
+def evaluate_and_log(
+    encoder: Any,
+    features_uri: str,
+    items_uri: str | None,
+    val_fraction: float,
+    cfg: EvaluateConfig,
+    run_id: str | None,
+    experiment: str,
+    train_seconds: float | None = None,
+) -> dict[str, Any]:
+    """``evaluate_model``, logged into MLflow run ``run_id`` (None: a new ``evaluate`` run in
+    ``experiment``, on the tracking store already set); returns ``run_id``, ``metrics``, ``table``.
+    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits."""
+    import tempfile
+
+    import mlflow
+
+    from sae_model import tracking
+    from sae_model.evaluation import format_metrics_table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = evaluate_model(encoder, features_uri, items_uri, val_fraction, cfg, tmp)
+        if train_seconds is not None:
+            result.metrics["ae_fit_seconds"] = train_seconds
+        table = format_metrics_table(result.metrics)
+        if run_id is None:
+            tracking.use_experiment(experiment)
+            with mlflow.start_run(tags={"stage": "evaluate"}) as run:
+                run_id = run.info.run_id
+                mlflow.log_param("train.val_fraction", val_fraction)
+        tracking.log_evaluation(run_id, result.metrics, result.figure, table)
+    log.info("evaluation (run %s):\n%s", run_id, table)
+    return {"run_id": run_id, "metrics": result.metrics, "table": table}

@@ -1,7 +1,9 @@
 """Map-quality metrics: how well a low-dimensional map keeps the data's structure.
 
-Pure numpy (float64 wherever distances are compared), computed in row blocks so that
-n=10,000 x d=784 needs a few hundred MB at most and never an n x n matrix at once.
+PCA and trustworthiness/continuity are scikit-learn's (the latter up to ``SKLEARN_MAX_ITEMS``
+items, beyond which its n x n arrays would not fit and a blocked numpy version takes over); the
+exact kNN lists are computed here in float64 row blocks, so that n=10,000 x d=784 needs a few
+hundred MB at most and never an n x n matrix at once.
 
 Conventions used throughout:
 - Distances are Euclidean; neighbours exclude the point itself.
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.decomposition import PCA as _SklearnPCA
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,10 @@ log = logging.getLogger(__name__)
 # block next to it is k+1 times smaller). Row blocks are sized from it, so memory stays bounded
 # (a few hundred MB at n=10,000) instead of growing with n^2.
 _BLOCK_ELEMENTS = 64_000_000
+# scikit-learn's trustworthiness holds three n x n arrays at once (distances, their argsort, the
+# inverse ranks: 24 n^2 bytes, 600 MB at n=5,000 and 2.4 GB at n=10,000). Above this many items the
+# blocked implementation here takes over (a few hundred MB at n=10,000).
+SKLEARN_MAX_ITEMS = 5_000
 
 
 def _as_2d_float64(a: Any, name: str) -> np.ndarray:
@@ -74,65 +81,32 @@ def squared_error_per_item(x: Any, x_hat: Any) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-class PCA:
-    """Principal components by exact SVD of the centred data (float64).
+class PCA(_SklearnPCA):
+    """scikit-learn's PCA by exact SVD (``svd_solver="full"``) of the centred data, in float64.
 
-    Sign convention: each component's entry of largest magnitude is positive (the first such
-    entry on exact ties), so fitting the same data twice, or its negation, gives the same axes.
+    Sign convention (scikit-learn's ``svd_flip`` on the components): each component's entry of
+    largest magnitude is positive, so fitting the same data twice, or its negation, gives the same
+    axes. ``fit`` raises ``ValueError`` when ``n_components`` exceeds min(n_items, n_dims).
     """
 
     def __init__(self, n_components: int) -> None:
         if n_components < 1:
             raise ValueError(f"n_components: must be >= 1, got {n_components}")
-        self.n_components = int(n_components)
-        self.mean_: np.ndarray | None = None
-        self.components_: np.ndarray | None = None
-        self.singular_values_: np.ndarray | None = None
-        self.explained_variance_: np.ndarray | None = None
-        self.explained_variance_ratio_: np.ndarray | None = None
+        super().__init__(n_components=int(n_components), svd_solver="full")
 
-    def fit(self, x: Any) -> PCA:
+    def fit(self, x: Any, y: Any = None) -> PCA:
         x = _as_2d_float64(x, "x")
-        n, d = x.shape
-        if self.n_components > min(n, d):
-            raise ValueError(f"n_components={self.n_components} exceeds min(n_items, n_dims)={min(n, d)}")
-        self.mean_ = x.mean(axis=0)
-        xc = x - self.mean_
-        _, s, vt = np.linalg.svd(xc, full_matrices=False)
-        biggest = np.argmax(np.abs(vt), axis=1)
-        signs = np.sign(vt[np.arange(vt.shape[0]), biggest])
-        signs[signs == 0] = 1.0
-        vt *= signs[:, None]
-        var = s**2 / max(n - 1, 1)
-        total = var.sum()
-        self.components_ = vt[: self.n_components]
-        self.singular_values_ = s[: self.n_components]
-        self.explained_variance_ = var[: self.n_components]
-        self.explained_variance_ratio_ = (
-            var[: self.n_components] / total if total > 0 else np.zeros(self.n_components)
-        )
-        return self
-
-    def _check_fitted(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.mean_ is None or self.components_ is None:
-            raise RuntimeError("PCA: call fit() first")
-        return self.mean_, self.components_
+        if self.n_components > min(x.shape):
+            raise ValueError(f"n_components={self.n_components} exceeds min(n_items, n_dims)={min(x.shape)}")
+        return super().fit(x)
 
     def transform(self, x: Any) -> np.ndarray:
-        mean, comps = self._check_fitted()
-        x = _as_2d_float64(x, "x")
-        if x.shape[1] != mean.shape[0]:
-            raise ValueError(f"x: expected {mean.shape[0]} dims, got {x.shape[1]}")
-        return (x - mean) @ comps.T
+        return super().transform(_as_2d_float64(x, "x"))
 
     def inverse_transform(self, z: Any) -> np.ndarray:
-        mean, comps = self._check_fitted()
-        z = _as_2d_float64(z, "z")
-        if z.shape[1] != comps.shape[0]:
-            raise ValueError(f"z: expected {comps.shape[0]} components, got {z.shape[1]}")
-        return z @ comps + mean
+        return super().inverse_transform(_as_2d_float64(z, "z"))
 
-    def fit_transform(self, x: Any) -> np.ndarray:
+    def fit_transform(self, x: Any, y: Any = None) -> np.ndarray:
         return self.fit(x).transform(x)
 
 
@@ -191,7 +165,8 @@ def knn_accuracy(codes: Any, labels: Any, k: int = 5, *, block_size: int | None 
 
     Each item is classified by a majority vote of its k nearest other items. A tie between
     labels goes to the tied label whose nearest voter is closest (so k=1 behaviour is recovered
-    and the result is deterministic).
+    and the result is deterministic). scikit-learn's ``KNeighborsClassifier`` gives such ties to
+    the lowest class instead, so only the neighbour lists are shared (``knn_indices``).
     """
     codes = _as_2d_float64(codes, "codes")
     n = codes.shape[0]
@@ -264,6 +239,10 @@ def _venna_kaski(rank_space: Any, neighbor_space: Any, k: int, block_size: int |
         raise ValueError(f"codes: {b.shape[0]} rows but x has {n}")
     if k < 1 or not k < n / 2:
         raise ValueError(f"k={k}: trustworthiness/continuity need 1 <= k < n/2 (n={n})")
+    if block_size is None and n <= SKLEARN_MAX_ITEMS:
+        from sklearn.manifold import trustworthiness as sk_trustworthiness
+
+        return float(sk_trustworthiness(a, b, n_neighbors=k))
     penalty = _rank_penalty(a, b, k, block_size)
     return 1.0 - 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * penalty
 
@@ -273,7 +252,9 @@ def trustworthiness(x: Any, codes: Any, k: int = 12, *, block_size: int | None =
 
     T(k) = 1 - 2/(n k (2n - 3k - 1)) * sum_i sum_{j in U_k(i)} (r(i, j) - k), where U_k(i) are
     the map neighbours of i that are not among its k input-space neighbours and r(i, j) is the
-    rank of j from i in input space.
+    rank of j from i in input space. ``sklearn.manifold.trustworthiness`` up to
+    ``SKLEARN_MAX_ITEMS`` items; beyond (or with ``block_size``) the blocked version, whose
+    exact-distance ties go to the lower index. Raises ``ValueError`` unless 1 <= k < n/2.
     """
     return _venna_kaski(x, codes, k, block_size)
 

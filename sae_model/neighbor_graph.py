@@ -20,10 +20,11 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from sae_model.config import NeighbourLoss
 from sae_model.neighbor_loss import perplexity_rows, umap_weights_from_knn
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def exact_knn(x: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor,
 class NeighbourGraph:
     """Sparse symmetric affinities of all training rows and the edge-sampled batches drawn from them."""
 
-    def __init__(self, x: torch.Tensor, kind: Literal["tsne", "umap"], cfg: Any) -> None:
+    def __init__(self, x: torch.Tensor, kind: NeighbourLoss, cfg: Any) -> None:
         n = x.shape[0]
         if n < 3:
             raise ValueError(f"finetune.neighbor_graph=global: needs at least 3 training rows, got {n}")

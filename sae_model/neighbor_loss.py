@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sae_model.config import NeighbourLoss
 
 # UMAP's floor on sigma, relative to the mean neighbour distance (umap-learn MIN_K_DIST_SCALE).
 _MIN_K_DIST_SCALE = 1e-3
@@ -208,46 +210,18 @@ def umap_ab(min_dist: float = 0.1, spread: float = 1.0) -> tuple[float, float]:
     """UMAP's (a, b): least-squares fit of 1/(1 + a x^(2b)) to the target membership curve.
 
     The target is 1 for x < min_dist and exp(-(x - min_dist)/spread) beyond, on 300 points in
-    [0, 3*spread] (as umap-learn's find_ab_params). Solved by Levenberg-Marquardt in numpy,
-    started where scipy's curve_fit starts (a = b = 1).
+    [0, 3*spread], fitted with ``scipy.optimize.curve_fit`` from a = b = 1, as umap-learn's
+    ``find_ab_params`` does (min_dist=0.1, spread=1: a=1.5769, b=0.8951). Raises ``ValueError``
+    unless spread > 0 and 0 <= min_dist < 3*spread.
     """
+    from scipy.optimize import curve_fit
+
     if spread <= 0 or min_dist < 0 or min_dist >= 3 * spread:
         raise ValueError(f"umap_ab: need spread > 0 and 0 <= min_dist < 3*spread, got {min_dist}, {spread}")
     xs = np.linspace(0.0, spread * 3.0, 300)
     ys = np.where(xs < min_dist, 1.0, np.exp(-(xs - min_dist) / spread))
-    log_x = np.log(np.where(xs > 0, xs, 1.0))  # x = 0 contributes x^(2b) = 0 and no b-gradient
-
-    def residual_and_jac(a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
-        xp = np.where(xs > 0, np.exp(2.0 * b * log_x), 0.0)
-        denom = 1.0 + a * xp
-        r = 1.0 / denom - ys
-        jac = np.column_stack([-xp / denom**2, -a * xp * 2.0 * log_x / denom**2])
-        return r, jac
-
-    params = np.array([1.0, 1.0])
-    damping = 1e-3
-    r, jac = residual_and_jac(*params)
-    cost = float(r @ r)
-    for _ in range(500):
-        jtj = jac.T @ jac
-        step = np.linalg.solve(jtj + damping * np.diag(np.diag(jtj)), -jac.T @ r)
-        trial = params + step
-        if trial[0] <= 0:
-            damping *= 10.0
-            continue
-        r_new, jac_new = residual_and_jac(*trial)
-        cost_new = float(r_new @ r_new)
-        if cost_new < cost:
-            converged = cost - cost_new < 1e-15 * max(cost, 1e-300) or np.abs(step).max() < 1e-12
-            params, r, jac, cost = trial, r_new, jac_new, cost_new
-            damping = max(damping / 10.0, 1e-12)
-            if converged:
-                break
-        else:
-            damping *= 10.0
-            if damping > 1e12:
-                break
-    return float(params[0]), float(params[1])
+    (a, b), _ = curve_fit(lambda x, a, b: 1.0 / (1.0 + a * x ** (2.0 * b)), xs, ys, p0=(1.0, 1.0))
+    return float(a), float(b)
 
 
 def _log_a_d2b(u: torch.Tensor, v: torch.Tensor, a: float, b: float) -> torch.Tensor:
@@ -364,7 +338,7 @@ def umap_edge_loss(
 
 
 def neighbor_loss(
-    kind: Literal["tsne", "umap"],
+    kind: NeighbourLoss,
     x_batch: torch.Tensor,
     codes: torch.Tensor,
     cfg_like: Any = None,

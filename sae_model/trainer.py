@@ -82,7 +82,6 @@ log = logging.getLogger(__name__)
 EXIT_AFTER_ENV = "SAE_TEST_EXIT_AFTER_EPOCHS"
 # Test hook: the rank with this number raises at the start of training (a rank that dies).
 FAIL_RANK_ENV = "SAE_TEST_FAIL_RANK"
-NEIGHBOUR_LOSSES = ("tsne", "umap")
 
 
 class TrainingError(ValueError):
@@ -210,7 +209,7 @@ def finetune_loss(
     In training steps the encoder sees ``cfg.corruption`` masking noise; the targets stay clean.
     """
     z = model.encode(corrupt(x, cfg.corruption, generator) if cfg is not None and train else x)
-    if cfg is None or cfg.loss not in NEIGHBOUR_LOSSES:
+    if cfg is None or not cfg.is_neighbor_loss:
         return reconstruction_loss(model, x, z, bce)
     if x.shape[0] >= 2:
         # Affinities in float64 and the code similarities in float32, also under bf16 autocast.

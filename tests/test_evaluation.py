@@ -156,6 +156,20 @@ def test_trustworthiness_and_continuity_match_sklearn(k):
     assert trustworthiness(x, y, k, block_size=11) == pytest.approx(t, abs=1e-12)
 
 
+def test_blocked_trustworthiness_takes_over_above_the_sklearn_size(monkeypatch):
+    from sae_model import evaluation
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(40, 6))
+    y = x[:, :2] + 0.5 * rng.normal(size=(40, 2))
+    calls = []
+    monkeypatch.setattr(evaluation, "_rank_penalty", lambda *a: calls.append(a) or 0.0)
+    trustworthiness(x, y, 5)
+    assert calls == []  # 40 items: scikit-learn's
+    monkeypatch.setattr(evaluation, "SKLEARN_MAX_ITEMS", 39)
+    assert trustworthiness(x, y, 5) == 1.0 and len(calls) == 1  # the (stubbed) blocked penalty
+
+
 def test_trustworthiness_rejects_large_k():
     with pytest.raises(ValueError, match="k < n/2"):
         trustworthiness(np.zeros((10, 3)), np.zeros((10, 2)), k=5)
@@ -184,6 +198,29 @@ def test_evaluate_map_prefers_a_map_that_keeps_clusters():
     assert "ae_squared_error" not in m_bad
     table = format_metrics_table(m_good)
     assert "trustworthiness" in table and "autoencoder" in table and "PCA" in table
+
+
+# evaluate_map on fixed data before scikit-learn took over PCA and trustworthiness (commit 34031ad),
+# measured; the numbers must not move.
+METRICS_BEFORE = {
+    "n_train": 60.0, "n_val": 60.0, "code_dim": 2.0,
+    "ae_squared_error": 0.9161435289965145, "ae_knn_accuracy": 0.75,
+    "ae_trustworthiness": 0.6709426627793975, "ae_continuity": 0.7566083576287658,
+    "pca_squared_error": 43.74622702573755, "pca_explained_variance": 0.6363169662440015,
+    "pca_knn_accuracy": 0.38333333333333336, "pca_trustworthiness": 0.8442662779397473,
+    "pca_continuity": 0.9201652089407192,
+}
+
+
+def test_evaluate_map_numbers_did_not_move():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(120, 10)) @ rng.normal(size=(10, 10))
+    labels = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    codes = x[60:, :2] + 0.3 * rng.normal(size=(60, 2))
+    m = evaluate_map(x[:60], x[60:], codes, labels[60:], recon_val=x[60:] * 0.9, k_knn=5, k_tw=7)
+    assert m.keys() == METRICS_BEFORE.keys()
+    for key, before in METRICS_BEFORE.items():
+        assert m[key] == pytest.approx(before, rel=1e-9, abs=1e-12), key
 
 
 def test_evaluate_map_multilabel_uses_label_share():

@@ -199,3 +199,11 @@ def test_unused_lines_name_the_tag_id_alike_for_contiguous_and_sparse_tag_tables
         movies = tg.aggregate_movies(tg.classify_scores(_lines(spark, rows), tag_ids, spark), 3)
         got = sorted((r["raw"], r["reason"]) for r in tg.unused_lines(movies, tag_ids, "s.csv").collect())
         assert got == [(f"7,{a},0.1", tg.INCOMPLETE), (f"7,{c},0.3", tg.DUPLICATE), (f"7,{c},0.4", tg.DUPLICATE)]
+
+
+def test_every_configurable_source_has_a_reader_and_no_other():
+    import pipelines.ingest  # noqa: F401  (registers the readers)
+    from pipelines.config import SOURCES as NAMES
+    from pipelines.sources import SOURCES as READERS
+
+    assert sorted(READERS) == sorted(NAMES)

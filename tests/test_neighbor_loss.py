@@ -185,6 +185,22 @@ def test_umap_ab_matches_scipy_curve_fit(min_dist, spread):
     assert a == pytest.approx(a_ref, rel=1e-4) and b == pytest.approx(b_ref, rel=1e-4)
 
 
+# umap_ab before scipy took over (a hand-written Levenberg-Marquardt, commit 34031ad), measured.
+UMAP_AB_BEFORE = {
+    (0.1, 1.0): (1.5769436134903303, 0.8950607193567929),
+    (0.0, 1.0): (1.9328090880801343, 0.7904946609179693),
+    (0.5, 2.0): (0.2588788017594292, 1.057499559085999),
+}
+
+
+@pytest.mark.parametrize(("min_dist", "spread"), sorted(UMAP_AB_BEFORE))
+def test_umap_ab_did_not_move(min_dist, spread):
+    a_before, b_before = UMAP_AB_BEFORE[(min_dist, spread)]
+    a, b = umap_ab(min_dist, spread)
+    # The two solvers stop at slightly different points of a flat optimum (measured rel. diff <= 4e-7).
+    assert a == pytest.approx(a_before, rel=1e-6) and b == pytest.approx(b_before, rel=1e-6)
+
+
 def test_umap_loss_by_hand_for_two_points():
     # Two points joined by weight 1 in both directions; the only negative of i is the other point.
     # Each edge: -log q + M * -log(1 - q), q = 1/(1 + a d^(2b)); both edges alike, weights cancel.

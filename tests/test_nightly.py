@@ -173,7 +173,8 @@ def test_alignment_keeps_shared_items_close(nights):
 
 def test_concurrent_start_exits_at_once(nights, tmp_path):
     inp, root, s = nights
-    from jobs.nightly import EXIT_LOCKED, lock_path
+    from jobs.nightly import EXIT_LOCKED
+    from pipelines.nightly import lock_path
 
     cfg = cfg_for(inp, root, "2024-01-05")
     with run_lock(lock_path(cfg)):
