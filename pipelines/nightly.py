@@ -158,7 +158,11 @@ def ingest_version(cfg: Config, state: NightState | None) -> Pinned:
     """The ingest set's version this night reads: the one its ingest step published (recorded in
     the state file, so a resumed night reads the same data), else the current one."""
     version = ((state.results.get("ingest") or {}).get("version")) if state is not None else None
-    return Pinned(cfg.paths.root, "ingest", version) if version else pin(cfg.paths.root, "ingest")
+    if version and Pinned(cfg.paths.root, "ingest", version).exists("features"):
+        return Pinned(cfg.paths.root, "ingest", version)
+    if version:
+        log.warning("ingest version %s of this night is gone (publish.keep); reading the current one", version)
+    return pin(cfg.paths.root, "ingest")
 
 
 def _manifest(cfg: Config, state: NightState | None = None) -> dict[str, Any]:
@@ -204,6 +208,7 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
     from sae_model.tracking import git_commit
     from sae_model.trainer import MlflowSettings, train
 
+    data = ingest_version(cfg, state)
     manifest = _manifest(cfg, state)
     names_sha = _names_sha(manifest["feature_names"])
     champ = champion(cfg)
@@ -234,7 +239,7 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
     )
     result = train(
         cfg.model, pretrain, cfg.finetune, cfg.train,
-        ingest_version(cfg, state).uri("features"), ingest_version(cfg, state).uri("items"),
+        data.uri("features"), data.uri("items"),
         settings, ckpt, fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from,
     )
     if result.model_version is None:
