@@ -164,7 +164,11 @@ def ingest_version(cfg: Config, state: NightState | None) -> Pinned:
     """The ingest set's version this night reads: the one its ingest step published (recorded in
     the state file, so a resumed night reads the same data), else the current one."""
     version = ((state.results.get("ingest") or {}).get("version")) if state is not None else None
-    return Pinned(cfg.paths.root, "ingest", version) if version else pin(cfg.paths.root, "ingest")
+    if version and Pinned(cfg.paths.root, "ingest", version).exists("features"):
+        return Pinned(cfg.paths.root, "ingest", version)
+    if version:
+        log.warning("ingest version %s of this night is gone (publish.keep); reading the current one", version)
+    return pin(cfg.paths.root, "ingest")
 
 
 def _manifest(cfg: Config, state: NightState | None = None) -> dict[str, Any]:
@@ -211,6 +215,7 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
     run. The challenger is registered (a new version) but gets no alias here."""
     from pipelines.training import train_from_config
 
+    data = ingest_version(cfg, state)
     manifest = _manifest(cfg, state)
     names_sha = _names_sha(manifest["feature_names"])
     champ = champion(cfg)
@@ -228,7 +233,7 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
         checkpoint_dir=str(local_path(cfg.paths.root) / "checkpoints" / f"nightly-{state.date}"),
         fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from, stage="nightly-challenger",
         extra_tags={"nightly_date": state.date, "warm_start_from": init_from or ""},
-        ingest=ingest_version(cfg, state),
+        ingest=data,
     )
     if result["model_version"] is None:
         raise NightlyError("the challenger was not registered: set mlflow.registered_model")
