@@ -130,7 +130,7 @@ def train_and_evaluate(
     import mlflow
 
     from sae_model.data import DataError
-    from sae_model.evaluate import evaluate_and_log
+    from sae_model.evaluation import evaluate_and_log
     from sae_model.loading import load_encoder
 
     out = train_from_config(cfg, spark, resume=resume, checkpoint_dir=checkpoint_dir, extra_tags=extra_tags)
