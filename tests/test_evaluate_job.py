@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from sae_model.config import EvaluateConfig, ModelConfig
 from sae_model.data import DataError
@@ -22,13 +21,7 @@ from tests.train_data import write_features
 VAL = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    mlflow.set_tracking_uri("")
+pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")
 
 
 def clusters(n: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
