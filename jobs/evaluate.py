@@ -66,7 +66,7 @@ def find_run(model_uri: str | None, experiment: str) -> tuple[str, str | None]:
 def run(cfg: Config, model_uri: str | None = None) -> dict:
     import mlflow
 
-    from sae_model.evaluate import evaluate_and_log
+    from sae_model.evaluation import evaluate_and_log
     from sae_model.loading import load_encoder
 
     record_config(cfg, "evaluate")

@@ -284,18 +284,25 @@ def holdout(
     return ids[val], x[val], x[train_rows], True
 
 
-def evaluate_model(model_uri: str, x_hold: np.ndarray, x_train: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    """The ``sae_model.evaluation`` quality metrics of one model on the holdout rows."""
-    from sae_model.evaluation import evaluate_map
+def holdout_metrics(encoder: Any, x_hold: np.ndarray, x_train: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    """``sae_model.evaluation.evaluate`` of one model on every holdout row (PCA fitted on ``x_train``,
+    k scaled down for a small holdout): its ``ae_*`` metrics and ``n_train``/``n_val``. Raises
+    ``ValueError`` when the model cannot score the rows (another input width)."""
+    from sae_model.config import EvaluateConfig
+    from sae_model.evaluation import evaluate
+
+    n = x_hold.shape[0]
+    cfg = EvaluateConfig(
+        k_knn=min(5, n - 1), k_tw=max(1, min(12, (n - 1) // 2)), max_items=n, max_fit_items=len(x_train), umap=False
+    )
+    metrics = evaluate(encoder, x_train, x_hold, labels, cfg).metrics
+    return {k: float(v) for k, v in metrics.items() if k.startswith("ae_") or k in ("n_train", "n_val")}
+
+
+def _score(model_uri: str, x_hold: np.ndarray, x_train: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
     from sae_model.loading import load_encoder
 
-    enc = load_encoder(model_uri)
-    n = x_hold.shape[0]
-    k_tw = max(1, min(12, (n - 1) // 2))
-    metrics = evaluate_map(
-        x_train, x_hold, enc.encode(x_hold), labels, enc.reconstruct(x_hold), k_knn=min(5, n - 1), k_tw=k_tw
-    )
-    return {k: float(v) for k, v in metrics.items() if k.startswith("ae_") or k.startswith("n_")}
+    return holdout_metrics(load_encoder(model_uri), x_hold, x_train, labels)
 
 
 def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
@@ -312,7 +319,7 @@ def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) ->
     out: dict[str, Any] = {
         "holdout_items": int(len(ids)),
         "holdout_frozen_now": frozen,
-        "challenger": evaluate_model(challenger["model_uri"], x_hold, x_train, labels),
+        "challenger": _score(challenger["model_uri"], x_hold, x_train, labels),
         "champion": None,
         "champion_version": None,
     }
@@ -323,7 +330,7 @@ def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) ->
             out["champion_note"] = "the champion was trained on another feature set and cannot score today's"
         else:
             try:
-                out["champion"] = evaluate_model(_model_uri(cfg, champ.version), x_hold, x_train, labels)
+                out["champion"] = _score(_model_uri(cfg, champ.version), x_hold, x_train, labels)
             except ValueError as exc:  # input width differs
                 out["champion_note"] = f"the champion cannot score the holdout: {exc}"
     return out

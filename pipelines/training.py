@@ -137,7 +137,7 @@ def train_and_evaluate(
     import mlflow
 
     from sae_model.data import DataError
-    from sae_model.evaluate import evaluate_and_log
+    from sae_model.evaluation import evaluate_and_log
     from sae_model.loading import load_encoder
 
     ingest = pin(cfg.paths.root, "ingest")  # training and its evaluation read the same version

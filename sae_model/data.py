@@ -21,11 +21,15 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -436,20 +440,30 @@ def open_source(
     return StreamingSource(uri, info, val_fraction, device, workers, cache_mb)
 
 
-def read_labels(items_uri: str | None, item_ids: np.ndarray) -> np.ndarray | None:
-    """A label per item for colouring maps: ``label``, else the first genre; None when there is none."""
+def read_label_column(items_uri: str | None) -> tuple[pd.Series | None, str]:
+    """The labels of ``items/``: its ``label`` column (one class per item), else ``genres``, as a
+    pandas Series indexed by ``item_id`` (first row per id), and the column's name;
+    ``(None, "none")`` without a table or either column. The one reader of labels
+    (``read_labels``, ``sae_model.evaluation.read_label_sets``)."""
     if not items_uri:
-        return None
+        return None, "none"
     root = local_dir(items_uri)
-    if not root.exists() or not _files(root):
-        return None
-    files = _files(root)
+    files = _files(root) if root.exists() else []
+    if not files:
+        return None, "none"
     names = pq.read_schema(files[0]).names
     col = "label" if "label" in names else "genres" if "genres" in names else None
     if col is None or ID_COL not in names:
-        return None
+        return None, "none"
     t = pa.concat_tables(pq.read_table(f, columns=[ID_COL, col]) for f in files).to_pandas()
-    s = t.set_index(ID_COL)[col]
+    return t.drop_duplicates(ID_COL).set_index(ID_COL)[col], col
+
+
+def read_labels(items_uri: str | None, item_ids: np.ndarray) -> np.ndarray | None:
+    """A label per item for colouring maps: ``label``, else the first genre; None when there is none."""
+    s, col = read_label_column(items_uri)
+    if s is None:
+        return None
     if col == "genres":
         s = s.fillna("").astype(str).str.split("|").str[0]
     return s.reindex(item_ids).to_numpy()

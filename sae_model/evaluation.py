@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -278,18 +279,28 @@ def _is_multilabel(labels: Any) -> bool:
     return len(labels) > 0 and all(isinstance(v, list | tuple | set | frozenset | np.ndarray) for v in labels)
 
 
-def _map_metrics(
-    prefix: str, x_val: np.ndarray, codes: np.ndarray, labels: Any, k_knn: int, k_tw: int
-) -> dict:
-    metrics: dict[str, float] = {}
-    if labels is not None:
-        if _is_multilabel(labels):
-            metrics[f"{prefix}_knn_label_share"] = knn_label_share(codes, list(labels), k_knn)
-        else:
-            metrics[f"{prefix}_knn_accuracy"] = knn_accuracy(codes, labels, k_knn)
-    metrics[f"{prefix}_trustworthiness"] = trustworthiness(x_val, codes, k_tw)
-    metrics[f"{prefix}_continuity"] = continuity(x_val, codes, k_tw)
-    return metrics
+def label_kind(labels: Any) -> str:
+    """``"none"`` (no labels), ``"genres"`` (a label set per item) or ``"label"`` (one label each)."""
+    if labels is None:
+        return "none"
+    return "genres" if _is_multilabel(labels) else "label"
+
+
+def map_metrics(
+    prefix: str, x: np.ndarray, codes: np.ndarray, labels: Any, k_knn: int, k_tw: int, kind: str | None = None
+) -> dict[str, float]:
+    """kNN label accuracy (``kind="label"``) or label share (``"genres"``), trustworthiness and
+    continuity of one map ``codes`` (n x width) of ``x`` (n x d), keyed ``<prefix>_<metric>``.
+    ``kind=None``: from the labels (``label_kind``)."""
+    kind = label_kind(labels) if kind is None else kind
+    out: dict[str, float] = {}
+    if kind == "label":
+        out[f"{prefix}_knn_accuracy"] = knn_accuracy(codes, labels, k_knn)
+    elif kind == "genres":
+        out[f"{prefix}_knn_label_share"] = knn_label_share(codes, list(labels), k_knn)
+    out[f"{prefix}_trustworthiness"] = trustworthiness(x, codes, k_tw)
+    out[f"{prefix}_continuity"] = continuity(x, codes, k_tw)
+    return out
 
 
 def evaluate_map(
@@ -322,13 +333,13 @@ def evaluate_map(
     }
     if recon_val is not None:
         metrics["ae_squared_error"] = squared_error_per_item(x_val, recon_val)
-    metrics.update(_map_metrics("ae", x_val, codes_val, labels_val, k_knn, k_tw))
+    metrics.update(map_metrics("ae", x_val, codes_val, labels_val, k_knn, k_tw))
 
     pca = PCA(width).fit(x_train)
     pca_codes = pca.transform(x_val)
     metrics["pca_squared_error"] = squared_error_per_item(x_val, pca.inverse_transform(pca_codes))
     metrics["pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
-    metrics.update(_map_metrics("pca", x_val, pca_codes, labels_val, k_knn, k_tw))
+    metrics.update(map_metrics("pca", x_val, pca_codes, labels_val, k_knn, k_tw))
     return metrics
 
 
@@ -437,3 +448,204 @@ def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> tuple[n
     reducer.fit(np.asarray(x_train, dtype=np.float32))
     fit_seconds = time.perf_counter() - t0
     return np.asarray(reducer.transform(np.asarray(x_val, dtype=np.float32)), dtype=np.float64), fit_seconds
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating a trained model: arrays in, metrics (and a picture) out; from the tables; into MLflow
+# --------------------------------------------------------------------------------------------
+
+
+MAPS_PNG = "maps.png"
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]  # flat, ready for MLflow: ae_*, pca_*, umap_*, n_*
+    figure: Path | None  # the side-by-side maps PNG
+    label_kind: str  # "label" | "genres" | "none"
+
+
+def read_label_sets(items_uri: str | None, item_ids: np.ndarray) -> tuple[np.ndarray | list | None, str]:
+    """Labels of ``item_ids`` from ``items/``: ``label`` (one class each, e.g. the MNIST digit), else
+    ``genres`` as sets (an array column or a ``|``-joined string); ``(None, "none")`` when neither.
+    Raises ``DataError`` when some but not all of the items have no ``label``."""
+    from sae_model.data import DataError, read_label_column
+
+    table, col = read_label_column(items_uri)
+    if table is None:
+        return None, "none"
+    s = table.reindex(item_ids)
+    if s.isna().all() and len(s):
+        return None, "none"
+    if col == "label":
+        if s.isna().any():
+            raise DataError(f"items table {items_uri}: {int(s.isna().sum())} validation items have no label")
+        return s.to_numpy(), "label"
+
+    def as_set(v: Any) -> frozenset[str]:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return frozenset()
+        parts = v.split("|") if isinstance(v, str) else list(v)
+        return frozenset(p for p in parts if p and p != "(no genres listed)")
+
+    return [as_set(v) for v in s.tolist()], "genres"
+
+
+def _sample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of at most ``limit`` of ``n`` rows (all of them when n <= limit)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=limit, replace=False))
+
+
+def _batched(fn: Any, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    return np.concatenate([fn(x[s : s + batch]) for s in range(0, x.shape[0], batch)])
+
+
+def evaluate(
+    encoder: Any,
+    x_fit: np.ndarray,
+    x_val: np.ndarray,
+    labels: Any = None,
+    cfg: Any = None,
+    *,
+    kind: str | None = None,
+    out_dir: str | Path | None = None,
+    title: str = "",
+) -> Evaluation:
+    """Score ``encoder`` (``encode``/``reconstruct`` of float32 rows, e.g. ``sae_model.loading.Encoder``)
+    on the validation rows ``x_val`` (n x d) against PCA of the code width fitted on ``x_fit``.
+
+    Metrics (flat floats, ready for MLflow): ``n_train``/``n_val``/``code_dim``; squared error per
+    item (Hinton's measure) of the autoencoder and of PCA on every row of ``x_val``; kNN label
+    accuracy (``kind="label"``) or label share (``"genres"``), trustworthiness and continuity of each
+    map on a seeded sample of at most ``cfg.max_items`` rows (``n_eval``; those are O(n^2)), with
+    ``cfg.k_knn``/``cfg.k_tw`` neighbours; UMAP too with ``cfg.umap``. ``labels`` (one per row of
+    ``x_val``) may be None; ``kind=None`` infers it from them. ``x_fit`` is subsampled to
+    ``cfg.max_fit_items`` rows. ``out_dir`` receives ``maps.png`` (None: no figure).
+
+    Raises ``DataError`` when ``x_val`` has at most ``2 * cfg.k_tw`` rows or ``x_fit`` fewer rows
+    than the code width.
+    """
+    from sae_model.config import EvaluateConfig
+    from sae_model.data import DataError
+
+    cfg = cfg or EvaluateConfig()
+    kind = label_kind(labels) if kind is None else kind
+    n_val, n_train = int(x_val.shape[0]), int(x_fit.shape[0])
+    if n_val <= 2 * cfg.k_tw:
+        raise DataError(f"evaluation needs more than {2 * cfg.k_tw} validation items, got {n_val}")
+    if n_train < encoder.code_width:
+        raise DataError(f"PCA of width {encoder.code_width} needs at least that many training items, got {n_train}")
+    rng = np.random.default_rng(cfg.seed)
+    x_fit = x_fit[_sample(n_train, cfg.max_fit_items, rng)]
+
+    # Reconstruction: every validation item.
+    codes = _batched(encoder.encode, x_val)
+    recon = _batched(encoder.reconstruct, x_val)
+    t0 = time.perf_counter()
+    pca = PCA(encoder.code_width).fit(x_fit)
+    pca_seconds = time.perf_counter() - t0
+    pca_codes = pca.transform(x_val)
+    metrics: dict[str, float] = {
+        "n_train": float(n_train),
+        "n_val": float(n_val),
+        "code_dim": float(encoder.code_width),
+        "ae_squared_error": squared_error_per_item(x_val, recon),
+        "pca_squared_error": squared_error_per_item(x_val, pca.inverse_transform(pca_codes)),
+        "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
+        "pca_fit_seconds": pca_seconds,
+    }
+
+    # Neighbourhoods: a seeded sample of at most max_items.
+    sub = _sample(n_val, cfg.max_items, rng)
+    metrics["n_eval"] = float(len(sub))
+    if labels is not None:
+        labels = [labels[i] for i in sub] if kind == "genres" else np.asarray(labels)[sub]
+    xs = x_val[sub].astype(np.float64)
+    maps: dict[str, np.ndarray] = {"autoencoder": codes[sub], "PCA": pca_codes[sub]}
+    if cfg.umap:
+        u = umap_codes(x_fit, xs, dim=encoder.code_width, seed=cfg.seed)
+        if u is not None:
+            maps["UMAP"], metrics["umap_fit_seconds"] = u
+    names = {"autoencoder": "ae", "PCA": "pca", "UMAP": "umap"}
+    for name, m in maps.items():
+        metrics.update(map_metrics(names[name], xs, m, labels, cfg.k_knn, cfg.k_tw, kind))
+
+    figure = None
+    if out_dir is not None:
+        sub_title = title or f"validation items ({len(sub)} of {n_val}), code width {encoder.code_width}"
+        plot_labels = None if labels is None else list(labels) if kind == "genres" else labels
+        figure = plot_maps_side_by_side(maps, plot_labels, Path(out_dir) / MAPS_PNG, sub_title)
+    log.info("evaluation on %d validation items (%d for neighbourhoods): %s", n_val, len(sub), metrics)
+    return Evaluation(metrics, figure, kind)
+
+
+def evaluate_split(
+    encoder: Any,
+    features_uri: str,
+    items_uri: str | None,
+    val_fraction: float,
+    cfg: Any = None,
+    out_dir: str | Path | None = None,
+    title: str = "",
+) -> Evaluation:
+    """``evaluate`` on the validation split of the ``features/`` table (the training split: the same
+    hash of ``item_id`` and ``val_fraction``), with the labels of ``items/`` (``read_label_sets``).
+
+    ``val_fraction`` must be the one the model was trained with, or training rows leak into the
+    scores. Raises ``DataError`` as ``evaluate`` does (naming ``train.val_fraction``).
+    """
+    from sae_model.config import EvaluateConfig
+    from sae_model.data import DataError, is_validation, load_table
+
+    cfg = cfg or EvaluateConfig()
+    ids, x = load_table(features_uri, encoder.input_width)
+    val = is_validation(ids, val_fraction)
+    n_val = int(val.sum())
+    if n_val <= 2 * cfg.k_tw:
+        raise DataError(
+            f"evaluation needs more than {2 * cfg.k_tw} validation items, got {n_val} "
+            f"(train.val_fraction={val_fraction}); raise train.val_fraction"
+        )
+    labels, kind = read_label_sets(items_uri, ids[val])
+    if kind == "genres" and not any(labels):
+        labels, kind = None, "none"
+    x_fit, x_val = x[~val], x[val]
+    del x
+    return evaluate(encoder, x_fit, x_val, labels, cfg, kind=kind, out_dir=out_dir, title=title)
+
+
+def evaluate_and_log(
+    encoder: Any,
+    features_uri: str,
+    items_uri: str | None,
+    val_fraction: float,
+    cfg: Any,
+    run_id: str | None,
+    experiment: str,
+    train_seconds: float | None = None,
+) -> dict[str, Any]:
+    """``evaluate_split``, logged into MLflow run ``run_id`` (None: a new ``evaluate`` run in
+    ``experiment``, on the tracking store already set); returns ``run_id``, ``metrics``, ``table``.
+    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits."""
+    import tempfile
+
+    import mlflow
+
+    from sae_model import tracking
+    from sae_model.evaluation import format_metrics_table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = evaluate_split(encoder, features_uri, items_uri, val_fraction, cfg, tmp)
+        if train_seconds is not None:
+            result.metrics["ae_fit_seconds"] = train_seconds
+        table = format_metrics_table(result.metrics)
+        if run_id is None:
+            tracking.use_experiment(experiment)
+            with mlflow.start_run(tags={"stage": "evaluate"}) as run:
+                run_id = run.info.run_id
+                mlflow.log_param("train.val_fraction", val_fraction)
+        tracking.log_evaluation(run_id, result.metrics, result.figure, table)
+    log.info("evaluation (run %s):\n%s", run_id, table)
+    return {"run_id": run_id, "metrics": result.metrics, "table": table}

@@ -21,6 +21,39 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 JDBC_JAR = "/usr/share/java/postgresql.jar"
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test: on two shared cores tiny nets run faster, and sums are
+    bit-reproducible."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture()
+def mlflow_reset():
+    """Point MLflow back at its default store after the test (tests use their own sqlite stores)."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri("")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """``features/`` and ``items/`` of 600 generated rows of width 32 with 4 labels
+    (``tests.train_data.manifold``), written once per module."""
+    from tests.train_data import manifold, write_features
+
+    root = tmp_path_factory.mktemp("data")
+    x, labels = manifold(600, 32, seed=3)
+    write_features(root, x, labels)
+    return root
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from pyspark.sql import SparkSession

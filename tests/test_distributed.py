@@ -12,7 +12,9 @@ from pipelines.distributed import DistributedTrainingError, run_distributed
 from sae_model import checkpoint as ckpt
 from sae_model.config import DistributedConfig, FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.trainer import FAIL_RANK_ENV, MlflowSettings, train
-from tests.train_data import manifold, write_features
+
+# Every test starts a group of training processes (TorchDistributor, torchrun).
+pytestmark = pytest.mark.slow
 
 # One global batch of 40 = two ranks x 20 rows. Shuffled in memory: both ranks cut the same permutation.
 MODEL = ModelConfig(layers=[32, 16, 2])
@@ -24,12 +26,6 @@ FINE = FinetuneConfig(epochs=3, lr=3.0, batch_size=40)
 REL_TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    x, labels = manifold(600, 32, seed=3)
-    write_features(root, x, labels)
-    return root
 
 
 def kwargs(root: Path, ckdir: Path, settings: MlflowSettings, **train_kw) -> dict:
@@ -78,7 +74,6 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.slow
 def test_two_processes_resume_a_one_process_checkpoint_to_the_same_loss(spark, data_root, tmp_path):
     from sae_model.trainer import FunctionCallback
 

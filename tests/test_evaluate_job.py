@@ -10,11 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from sae_model.config import EvaluateConfig, ModelConfig
 from sae_model.data import DataError
-from sae_model.evaluate import evaluate_model, read_label_sets
+from sae_model.evaluation import evaluate_split, read_label_sets
 from sae_model.loading import Encoder
 from sae_model.trainer import build_model
 from tests.train_data import write_features
@@ -22,13 +21,7 @@ from tests.train_data import write_features
 VAL = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    mlflow.set_tracking_uri("")
+pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")
 
 
 def clusters(n: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +86,7 @@ def test_trained_map_beats_an_untrained_random_init_model(trained):
     feats, items = "file://" + str(root / "features"), "file://" + str(root / "items")
     good = trained["out"]["metrics"]
     random_net = Encoder(build_model(ModelConfig(layers=[32, 16, 2]), seed=1))
-    bad = evaluate_model(random_net, feats, items, VAL, cfg.evaluate).metrics
+    bad = evaluate_split(random_net, feats, items, VAL, cfg.evaluate).metrics
     assert bad["n_val"] == good["n_val"]
     # PCA is the same fit on the same rows in both reports.
     assert bad["pca_squared_error"] == pytest.approx(good["pca_squared_error"])
@@ -147,13 +140,13 @@ def test_genres_give_the_label_share_and_too_few_validation_items_fail(tmp_path)
     assert read_label_sets(str(items), ids[:3]) == (sets, "genres")
 
     enc = Encoder(build_model(ModelConfig(layers=[8, 2]), seed=0))
-    res = evaluate_model(enc, str(tmp_path / "features"), str(items), 0.5, EvaluateConfig(max_items=50, k_tw=5), tmp_path)
+    res = evaluate_split(enc, str(tmp_path / "features"), str(items), 0.5, EvaluateConfig(max_items=50, k_tw=5), tmp_path)
     m = res.metrics
     assert res.label_kind == "genres" and 0 <= m["ae_knn_label_share"] <= 1 and "ae_knn_accuracy" not in m
     assert m["n_eval"] == 50 and m["n_val"] > 50  # neighbourhood metrics on a sample, errors on all
     assert res.figure.exists()
     with pytest.raises(DataError, match="needs more than 24 validation items"):
-        evaluate_model(enc, str(tmp_path / "features"), None, 0.05, EvaluateConfig())
+        evaluate_split(enc, str(tmp_path / "features"), None, 0.05, EvaluateConfig())
 
 
 def test_sweep_child_runs_can_be_nested_under_a_parent_without_touching_the_trainer(trained, tmp_path):

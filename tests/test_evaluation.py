@@ -274,3 +274,34 @@ def test_umap_baseline_gets_its_fit_time_and_its_own_table_column(monkeypatch):
     lines = format_metrics_table({"ae_fit_seconds": 1.0, "pca_trustworthiness": 0.5}).splitlines()
     assert lines[0].split() == ["metric", "autoencoder", "PCA"]
     assert [line.split() for line in lines[2:]] == [["fit_seconds", "1.0000", "-"], ["trustworthiness", "-", "0.5000"]]
+
+
+class _LinearEncoder:
+    """The ``Encoder`` surface ``evaluate`` uses: a fixed projection and its transpose."""
+
+    def __init__(self, w: np.ndarray) -> None:
+        self.w, self.input_width, self.code_width = w, w.shape[0], w.shape[1]
+
+    def encode(self, x):
+        return np.asarray(x, np.float64) @ self.w
+
+    def reconstruct(self, x):
+        return self.encode(x) @ self.w.T
+
+
+def test_nightly_holdout_metrics_are_evaluate_map_s():
+    """The nightly holdout score goes through ``evaluate``; before, it called ``evaluate_map``
+    directly with k scaled to the holdout: the numbers are the same."""
+    from pipelines.nightly import holdout_metrics
+
+    x, labels = _clusters(20, 8, seed=9)
+    x_train, x_hold, y_hold = x[::2], x[1::2], labels[1::2].astype(str).astype(object)
+    enc = _LinearEncoder(np.linalg.qr(np.random.default_rng(1).normal(size=(8, 2)))[0])
+    n = len(x_hold)
+    before = evaluate_map(x_train, x_hold, enc.encode(x_hold), y_hold, enc.reconstruct(x_hold),
+                          k_knn=min(5, n - 1), k_tw=max(1, min(12, (n - 1) // 2)))
+    before = {k: v for k, v in before.items() if k.startswith("ae_") or k.startswith("n_")}
+    after = holdout_metrics(enc, x_hold, x_train, y_hold)
+    assert after.keys() == before.keys() and "ae_knn_accuracy" in after
+    for key, value in before.items():
+        assert after[key] == pytest.approx(value, rel=1e-12), key

@@ -105,6 +105,7 @@ def nights(spark, tmp_path_factory):
     yield inp, root, states
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_first_night_promotes(nights):
     inp, root, s = nights
     st = s[DATES[0]]
@@ -117,6 +118,7 @@ def test_first_night_promotes(nights):
     assert "no comparable champion" in report and "ae_squared_error" in report
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_damaged_night_is_not_promoted(nights):
     inp, root, s = nights
     st = s[DATES[1]]
@@ -130,6 +132,7 @@ def test_damaged_night_is_not_promoted(nights):
     assert codes(s["codes_after_2"])[1] == {"1"}  # night 2 published the kept champion again
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_killed_night_resumes_and_failed_publish_keeps_yesterday_serving(nights):
     inp, root, s = nights
     assert s["killed"].returncode == 137, s["killed"].stderr[-2000:]
@@ -148,6 +151,7 @@ def test_killed_night_resumes_and_failed_publish_keeps_yesterday_serving(nights)
     assert s["rerun"] == {"date": DATES[2], "status": "succeeded", "skipped": True}
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_alignment_keeps_shared_items_close(nights):
     from sae_model.data import load_table
     from sae_model.loading import load_encoder
@@ -171,6 +175,7 @@ def test_alignment_keeps_shared_items_close(nights):
     assert "map drift" in (root / "reports" / f"{DATES[2]}.md").read_text().lower()
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_concurrent_start_exits_at_once(nights, tmp_path):
     inp, root, s = nights
     from jobs.nightly import EXIT_LOCKED
@@ -184,6 +189,7 @@ def test_concurrent_start_exits_at_once(nights, tmp_path):
     assert not (root / "nightly" / "2024-01-05.json").exists()
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_failure_names_the_step(nights, monkeypatch, capsys):
     from jobs import cli
     from jobs import nightly as job
@@ -203,6 +209,7 @@ def test_failure_names_the_step(nights, monkeypatch, capsys):
     assert st.status == "failed" and st.failed_step == "ingest" and st.completed == []
 
 
+@pytest.mark.slow  # three nights through the CLI, one in a child process
 def test_rollback_restores_previous_champion_and_tables(nights):
     from jobs import rollback
 

@@ -8,7 +8,6 @@ import random
 import mlflow
 import numpy as np
 import pytest
-import torch
 
 from jobs import sweep
 from pipelines.config import ConfigError
@@ -23,14 +22,7 @@ from pipelines.sweep import (
 )
 from tests.train_data import manifold, write_features
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    mlflow.set_tracking_uri("")
+pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")
 
 
 def test_values_split_on_top_level_commas_only():

@@ -31,22 +31,7 @@ OFF = MlflowSettings("", enabled=False)
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: one thread keeps tiny nets fast and sums bit-reproducible.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    mlflow.set_tracking_uri("")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    x, labels = manifold(600, 32, seed=3)
-    write_features(root, x, labels)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")
 
 
 def feats(root: Path) -> str:
@@ -181,6 +166,7 @@ print("RESULT", r.run_id, r.model_version, r.model_uri)
 """
 
 
+@pytest.mark.slow  # trains in a child process that is killed midway
 def test_resume_after_kill_matches_uninterrupted_run_and_logs_everything(data_root, tmp_path):
     db = f"sqlite:///{tmp_path}/mlflow.db"
     ck = tmp_path / "ck"

@@ -12,6 +12,8 @@ from pipelines.config import ConfigError, load_config
 from pipelines.nightly import NightState, step_train
 from tests.train_data import manifold, write_features
 
+pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")
+
 TINY = ["model.layers=[32,16,2]", "pretrain.epochs=1", "pretrain.batch_size=50", "finetune.epochs=1",
         "finetune.batch_size=50", "train.threads=1", "train.progress=false", "evaluate.after_train=false"]
 
