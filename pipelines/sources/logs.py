@@ -33,7 +33,7 @@ from pyspark.sql import types as T
 
 from pipelines.publish import is_local, local_path, table_path
 from pipelines.sources import InputError, SourceResult, register
-from pipelines.sources.csvfiles import CORRUPT, check_header
+from pipelines.sources.csvfiles import CORRUPT, check_header, check_readable, find_file, pick_one
 from pipelines.sources.tag_genome import MOVIES_HEADER, MOVIES_NAMES, movie_items
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,21 @@ STATE = T.StructType(
 
 def find_loads(input_dir: str, stem: str, since: str = "") -> list[tuple[str, list[str]]]:
     """(load key, files) of the input, oldest first: one per ``<stem>/date=D/`` partition from
-    ``since`` on, else the flat ``<stem>.csv`` as one load keyed by its name."""
+    ``since`` on, else the flat ``<stem>.csv`` (or ``.csv.gz``) as one load keyed by its name.
+
+    The same data twice is read once or refused (:func:`~pipelines.sources.csvfiles.pick_one`):
+    ``x.csv`` beside ``x.csv.gz`` in a partition or flat; a flat file beside partitions is an
+    error naming both, since either choice would silently drop or double events."""
     if not is_local(input_dir):
         return [(f"{stem}.csv", [f"{input_dir.rstrip('/')}/{stem}.csv"])]
     base = local_path(input_dir)
     if not base.is_dir():
         raise InputError(f"{base}: input directory does not exist (data.input); expected {stem}.csv or {stem}/date=*/")
     parts = base / stem
+    flats = [base / n for n in (f"{stem}.csv", f"{stem}.csv.gz") if (base / n).is_file()]
     if parts.is_dir():
+        if flats:
+            raise InputError(f"{flats[0]} and {parts}/: events both in a flat file and in partitions; keep one layout")
         loads = []
         for d in sorted(parts.iterdir()):
             m = PARTITION.match(d.name)
@@ -93,34 +100,40 @@ def find_loads(input_dir: str, stem: str, since: str = "") -> list[tuple[str, li
                 continue
             if since and m.group(1) < since:
                 continue
-            files = sorted(str(f) for f in d.iterdir() if f.is_file() and f.name.endswith((".csv", ".csv.gz")))
+            by_name: dict[str, list[Path]] = {}
+            for f in sorted(d.iterdir(), key=lambda f: (f.suffix == ".gz", f.name)):
+                if f.is_file() and f.name.endswith((".csv", ".csv.gz")):
+                    by_name.setdefault(f.name.removesuffix(".gz"), []).append(f)
+            files = sorted(str(pick_one(group)) for group in by_name.values())
             if files:
                 loads.append((d.name, files))
         if not loads and not since and not any(PARTITION.match(d.name) for d in parts.iterdir()):
             raise InputError(f"{parts}: no date=YYYY-MM-DD/ partitions with .csv files")
         return loads
-    flat = base / f"{stem}.csv"
-    if not flat.is_file():
+    if not flats:
         raise InputError(f"{base}: no {stem}.csv and no {stem}/date=YYYY-MM-DD/ partitions (data.input)")
-    return [(flat.name, [str(flat)])]
+    return [(f"{stem}.csv", [str(pick_one(flats))])]
 
 
 def movies_file(input_dir: str) -> str | None:
+    """movies.csv (or movie.csv, either gzipped) under ``input_dir``, or None when there is none."""
     if not is_local(input_dir):
         return None
     base = local_path(input_dir)
-    found = [base / n for n in MOVIES_NAMES if (base / n).is_file()]
-    return str(found[0]) if found else None
+    if not any((base / n).is_file() or (base / f"{n}.gz").is_file() for n in MOVIES_NAMES):
+        return None
+    return find_file(input_dir, MOVIES_NAMES)
 
 
 def check_logs(cfg, stem: str, header: tuple[str, ...]) -> None:
     for _, files in find_loads(cfg.data.input, stem, cfg.data.since):
         for f in files:
-            if not f.endswith(".gz"):
-                check_header(f, header)
+            check_header(f, header)
+            check_readable(f)
     movies = movies_file(cfg.data.input)
     if movies:
         check_header(movies, MOVIES_HEADER)
+        check_readable(movies)
 
 
 def since_epoch(since: str) -> int | None:

@@ -19,7 +19,14 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from pipelines.sources import InputError, SourceResult, register
-from pipelines.sources.csvfiles import CORRUPT, check_header, find_file, read_csv_strings, read_csv_typed
+from pipelines.sources.csvfiles import (
+    CORRUPT,
+    check_header,
+    check_readable,
+    find_file,
+    read_csv_strings,
+    read_csv_typed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +66,9 @@ def files(input_dir: str) -> dict[str, str]:
 
 def check(cfg) -> None:
     f = files(cfg.data.input)
-    check_header(f["scores"], SCORES_HEADER)
-    check_header(f["tags"], TAGS_HEADER)
-    check_header(f["movies"], MOVIES_HEADER)
+    for kind, header in (("scores", SCORES_HEADER), ("tags", TAGS_HEADER), ("movies", MOVIES_HEADER)):
+        check_header(f[kind], header)
+        check_readable(f[kind])
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
