@@ -67,7 +67,7 @@ def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
 _INPUT_FAULTS = ("java.io.EOFException", "java.util.zip.ZipException", "java.sql.SQLException",
                  "org.postgresql.util.PSQLException", "java.lang.NumberFormatException",
                  "java.lang.ArithmeticException", "java.nio.charset.MalformedInputException")
-_FILE = re.compile(r"(?:reading file|while reading) (\S+?)\.?(?:\s|$)")
+_FILE = re.compile(r"reading file (\S+?)\.?(?:\s|$)")
 
 
 def read_failure(exc: BaseException) -> str | None:
