@@ -159,6 +159,7 @@ def build_manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config_hash": cfg.hash(),
         **result.extra,
+        **(result.report() if result.report else {}),
     }
 
 

@@ -17,6 +17,7 @@ import pipelines.ingest as ingest
 from jobs import ingest as ingest_job
 from pipelines.config import load_config
 from pipelines.sources import InputError, mnist
+from pipelines.sources import tag_genome as tg
 from pipelines.sources.csvfiles import pick_one
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,3 +161,67 @@ def test_pick_one_is_the_first_name_when_contents_match(tmp_path):
     b.write_bytes(gzip.compress(b"h\n1\n"))
     assert pick_one([a, b]) == a
     assert pick_one([a]) == a
+
+
+# ---------------------------------------------------------------- kind 2: RFC 4180 fields
+
+
+CASES = Path("/work/shared/cases")
+
+
+def test_quoted_title_with_a_line_break_is_read_whole(spark, tmp_path):
+    # The movies-title-newline case (copied here when the shared folder exists; else the same bytes).
+    src = CASES / "movies-title-newline" / "in"
+    if src.is_dir():
+        shutil.copytree(src, tmp_path / "in")
+        d = tmp_path / "in"
+    else:
+        d = genome_dir(
+            tmp_path / "in",
+            'movieId,title,genres\n1,"""Great Performances"" Cats (1998)",Musical\n'
+            '2,"Beta, The\n(Second Part) (1996)",Drama|Horror\n3,Gamma (1997),Comedy\n',
+            scores="movieId,tagId,relevance\n" + "".join(f"{m},{t},0.{m * 3 + t - 3}\n" for m in (1, 2, 3) for t in (1, 2, 3)),
+            tags='tagId,tag\n1,funny\n2,dark\n3,"twist, ending"\n',
+        )
+    cfg = cfg_for(d, tmp_path / "out", "tag_genome")
+    ingest.check_inputs(cfg)
+    m = ingest.run_ingest(spark, cfg)
+    items = {r["item_id"]: (r["title"], r["genres"]) for r in table(tmp_path / "out", "items")}
+    assert items == {
+        1: ('"Great Performances" Cats (1998)', ["Musical"]),
+        2: ("Beta, The\n(Second Part) (1996)", ["Drama", "Horror"]),
+        3: ("Gamma (1997)", ["Comedy"]),
+    }
+    assert m["feature_names"] == ["funny", "dark", "twist, ending"]
+    assert (m["rows_in"], m["rows_used"], m["rows_quarantined"], m["items_without_metadata"]) == (9, 9, 0, 0)
+
+
+def test_movie_without_movies_row_is_published_and_reported_and_bad_rows_quarantined(spark, tmp_path, caplog):
+    d = genome_dir(tmp_path / "in", 'movieId,title,genres\n1,A,Drama\n1,A again,Drama\nx,B,Drama\n3,"C",Drama,extra\n')
+    cfg = cfg_for(d, tmp_path / "out", "tag_genome")
+    with caplog.at_level(logging.WARNING, logger="pipelines"):
+        m = ingest.run_ingest(spark, cfg)
+    items = {r["item_id"]: r["title"] for r in table(tmp_path / "out", "items")}
+    assert items == {1: "A", 2: None}  # movie 2 has scores but no movies.csv row: still published
+    assert (m["items_without_metadata"], m["items_without_metadata_sample"]) == (1, [2])
+    assert "1 published items have no movies.csv row" in caplog.text
+    q = sorted((r["raw"], r["reason"]) for r in table(tmp_path / "out", "quarantine"))
+    assert q == sorted([('3,"C",Drama,extra', tg.MOVIES_MALFORMED), ("1,A again,Drama", tg.MOVIES_DUPLICATE),
+                        ("x,B,Drama", tg.MOVIES_BAD_ID)])
+    assert m["rows_in"] == m["rows_used"] + m["rows_quarantined"] == 4 + 3
+
+
+def test_log_tag_with_a_line_break_and_quotes_is_read_whole(spark, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "tags.csv").write_text(
+        'userId,movieId,tag,timestamp\r\n1,1,"twist,\r\nending",1445714994\r\n2,1,"twist,\r\nending",1445715000\r\n'
+        '3,2,"say ""what""",1445715100\r\n', encoding="utf-8")
+    (d / "movies.csv").write_text('movieId,title,genres\n1,"Alpha,\nThe (1995)",Comedy\n2,Beta (1996),Drama\n')
+    cfg = cfg_for(d, tmp_path / "out", "movielens_tags", "data.logs.min_support=1")
+    ingest.check_inputs(cfg)
+    m = ingest.run_ingest(spark, cfg)
+    assert sorted(m["feature_names"]) == ['say "what"', "twist, ending"]  # NFKC + whitespace folding
+    assert (m["rows_in"], m["rows_used"], m["rows_quarantined"]) == (3, 3, 0)
+    items = {r["item_id"]: r["title"] for r in table(tmp_path / "out", "items")}
+    assert items == {1: "Alpha,\nThe (1995)", 2: "Beta (1996)"}

@@ -121,9 +121,15 @@ def _first(reader, n: int):
         yield row
 
 
-def read_csv_strings(spark: SparkSession, path: str, columns: Sequence[str]) -> DataFrame:
-    """Every column a string plus ``_corrupt_record`` (the raw line of a line with the wrong number
-    of fields). Quoted and unquoted fields both parse; ``""`` escapes a quote (RFC 4180)."""
+def read_csv_strings(spark: SparkSession, path: str | list[str], columns: Sequence[str],
+                     multi_line: bool = True) -> DataFrame:
+    """Every column a string plus ``_corrupt_record`` (the raw record of a line with the wrong number
+    of fields). Read as RFC 4180 allows: quoted fields may hold commas, ``""`` (an escaped quote)
+    and, with ``multi_line``, line breaks, and are read whole.
+
+    ``multi_line`` makes each file one Spark task (a record may cross any split point), so it is
+    for files with free text (titles, tags); all-numeric files, where a line break inside a field
+    could never parse anyway, read line by line in parallel (:func:`read_csv_typed`)."""
     schema = T.StructType(
         [T.StructField(c, T.StringType(), True) for c in columns] + [T.StructField(CORRUPT, T.StringType(), True)]
     )
@@ -134,9 +140,9 @@ def read_csv_strings(spark: SparkSession, path: str, columns: Sequence[str]) -> 
         .option("columnNameOfCorruptRecord", CORRUPT)
         .option("quote", '"')
         .option("escape", '"')
+        .option("multiLine", multi_line)
         .csv(path)
     )
-
 
 
 def read_csv_typed(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:

@@ -33,8 +33,15 @@ from pyspark.sql import types as T
 
 from pipelines.publish import is_local, local_path, table_path
 from pipelines.sources import InputError, SourceResult, register
-from pipelines.sources.csvfiles import CORRUPT, check_header, check_readable, find_file, pick_one
-from pipelines.sources.tag_genome import MOVIES_HEADER, MOVIES_NAMES, movie_items
+from pipelines.sources.csvfiles import (
+    CORRUPT,
+    check_header,
+    check_readable,
+    find_file,
+    pick_one,
+    read_csv_strings,
+)
+from pipelines.sources.tag_genome import MOVIES_HEADER, MOVIES_NAMES, movie_items, movie_rejects, movie_rows
 
 log = logging.getLogger(__name__)
 
@@ -145,26 +152,22 @@ def since_epoch(since: str) -> int | None:
 # ---------------------------------------------------------------- reading (edges)
 
 
-def read_lines(spark: SparkSession, loads: list[tuple[str, list[str]]], header: tuple[str, ...]) -> DataFrame:
-    """Every field a string, plus _corrupt_record, source_file and load (the load key)."""
-    schema = T.StructType(
-        [T.StructField(c, T.StringType(), True) for c in header] + [T.StructField(CORRUPT, T.StringType(), True)]
-    )
-    frames = []
-    for key, files in loads:
-        df = (
-            spark.read.schema(schema)
-            .option("header", True)
-            .option("mode", "PERMISSIVE")
-            .option("columnNameOfCorruptRecord", CORRUPT)
-            .option("quote", '"')
-            .option("escape", '"')
-            .csv(files)
-        )
-        frames.append(df.withColumn("source_file", F.input_file_name()).withColumn("load", F.lit(key)))
+def read_lines(spark: SparkSession, loads: list[tuple[str, list[str]]], header: tuple[str, ...],
+               multi_line: bool = True) -> DataFrame:
+    """Every field a string, plus _corrupt_record, source_file and load (the load key). Fields as
+    RFC 4180 allows (:func:`~pipelines.sources.csvfiles.read_csv_strings`); ``multi_line`` for files
+    with free text (tags, titles), whose quoted fields may hold line breaks."""
+    frames = [
+        read_csv_strings(spark, files, header, multi_line)
+        .withColumn("source_file", F.input_file_name())
+        .withColumn("load", F.lit(key))
+        for key, files in loads
+    ]
     if not frames:
-        extra = T.StructType([T.StructField("source_file", T.StringType()), T.StructField("load", T.StringType())])
-        return spark.createDataFrame([], T.StructType(schema.fields + extra.fields))
+        schema = T.StructType(
+            [T.StructField(c, T.StringType(), True) for c in (*header, CORRUPT, "source_file", "load")]
+        )
+        return spark.createDataFrame([], schema)
     out = frames[0]
     for df in frames[1:]:
         out = out.unionByName(df)
@@ -417,10 +420,9 @@ def _new_events(spark: SparkSession, cfg, stem: str, header: tuple[str, ...], va
         movies_lines = read_lines(spark, [("movies", [movies_path])], MOVIES_HEADER)
     movie_ids = None
     if movies_lines is not None:
-        movie_ids = movies_lines.select(F.expr("try_cast(trim(movieId) as long)").alias("item_id")).filter(
-            "item_id is not null"
-        )
-    lines = read_lines(spark, loads, header)
+        movie_ids = movie_rows(movies_lines).filter(F.col("reason").isNull()).select("item_id")
+    # Ratings are all numbers: a line break inside a field could never parse, so they read line by line.
+    lines = read_lines(spark, loads, header, multi_line=value == "tag")
     events = after(parse_events(lines, value, movie_ids), since_epoch(cfg.data.since), watermark if flat else None)
     files = [f for _, fs in loads for f in fs] + ([movies_path] if movies_path else [])
     return events, state, [k for k, _ in loads], files, movies_lines
@@ -465,6 +467,7 @@ def tags_result(spark: SparkSession, cfg) -> SourceResult:
             "items_without_vocab_tags_sample": sample,
         },
         caches=[events, counts, features],
+        movies_lines=movies_lines,
     )
 
 
@@ -495,6 +498,7 @@ def ratings_result(spark: SparkSession, cfg) -> SourceResult:
         state=new_state,
         extra={"entity": rc.entity, "columns": rc.columns, "since": cfg.data.since, "loads": loads},
         caches=[events, ratings, features],
+        movies_lines=movies_lines,
     )
 
 
@@ -505,7 +509,16 @@ def _items(movies_lines: DataFrame | None, features: DataFrame) -> DataFrame:
     return movie_items(movies_lines, ids)
 
 
-def _result(features, items, quarantine, names, files, events, state, extra, caches) -> SourceResult:
+def _result(features, items, quarantine, names, files, events, state, extra, caches,
+            movies_lines: DataFrame | None = None) -> SourceResult:
+    # movies.csv records that give no metadata are quarantined and counted in, as in tag_genome.
+    meta_bad = None if movies_lines is None else movie_rejects(movies_lines, files[-1])
+    if meta_bad is not None:
+        quarantine = quarantine.unionByName(meta_bad)
+
+    def rows_in() -> int:
+        return events.count() + (meta_bad.count() if meta_bad is not None else 0)
+
     def rows_used() -> int:
         # Valid records of this load whose entity got a vector (the others are quarantined).
         return events.filter(F.col("reason").isNull()).count() - quarantine.filter(
@@ -522,7 +535,7 @@ def _result(features, items, quarantine, names, files, events, state, extra, cac
         quarantine=quarantine,
         feature_names=names,
         input_files=files,
-        rows_in=events.count,
+        rows_in=rows_in,
         rows_used=rows_used,
         extra=extra,
         extra_tables={STATE_TABLE: state},
