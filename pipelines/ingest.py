@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -45,12 +46,48 @@ def check_inputs(cfg: Config) -> None:
 
 def run_ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     """Read, validate and publish; returns the manifest. Nothing is published unless every table was
-    written and the counts reconcile (rows_in == rows_used + rows_quarantined)."""
+    written and the counts reconcile (rows_in == rows_used + rows_quarantined).
+
+    A file that Spark finds damaged only while reading it (a ``.gz`` that is not gzip or is cut
+    short, on a path the source could not check beforehand) or a database value its driver cannot
+    convert raises InputError with the file or value named (see :func:`read_failure`)."""
     result = source_for(cfg).read(spark, cfg)
     try:
         return publish_result(spark, result, cfg)
+    except Exception as exc:
+        reason = read_failure(exc)
+        if reason is None:
+            raise
+        raise InputError(reason) from None
     finally:
         result.cleanup()
+
+
+# Java exceptions that mean the input itself is bad, not the job or the machine.
+_INPUT_FAULTS = ("java.io.EOFException", "java.util.zip.ZipException", "java.sql.SQLException",
+                 "org.postgresql.util.PSQLException", "java.lang.NumberFormatException",
+                 "java.lang.ArithmeticException", "java.nio.charset.MalformedInputException")
+_FILE = re.compile(r"reading file (\S+?)\.?(?:\s|$)")
+
+
+def read_failure(exc: BaseException) -> str | None:
+    """One line for a Spark job that failed on a damaged input: the file Spark names (its
+    FAILED_READ_FILE error) and the innermost cause, e.g. ``file:/in/tags.csv.gz: java.io.EOFException:
+    Unexpected end of input stream``. None for any other failure, which is re-raised as is."""
+    java = getattr(exc, "java_exception", None)
+    if java is None:
+        return None
+    chain, e = [], java
+    while e is not None and len(chain) < 32:
+        chain.append(str(e.toString()))
+        nxt = e.getCause()
+        e = None if nxt is None or nxt == e else nxt
+    text = "\n".join(chain)
+    if not any(fault in text for fault in _INPUT_FAULTS):
+        return None
+    innermost = chain[-1].strip().splitlines()[0] if chain[-1].strip() else chain[-1]
+    where = _FILE.search(text)
+    return f"{where.group(1)}: {innermost}" if where else f"cannot read the input: {innermost}"
 
 
 def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> dict[str, Any]:
@@ -125,6 +162,7 @@ def build_manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config_hash": cfg.hash(),
         **result.extra,
+        **(result.report() if result.report else {}),
     }
 
 

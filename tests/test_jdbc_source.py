@@ -129,3 +129,87 @@ def test_config_checks_and_driver_jar_on_classpath(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="driver_jar"):
         check_inputs(cfg_for(tmp_path, "jdbc:postgresql://h/db", "data.jdbc.table=t", "data.jdbc.driver_jar=/nope.jar"))
     assert jdbc.safe_url("jdbc:postgresql://h:1/db?ssl=true&password=x") == "jdbc:postgresql://h:1/db"
+
+
+# ---------------------------------------------------------------- issue 16, kind 3: values a float32 vector can't hold
+
+CASES = Path("/work/shared/cases")
+
+
+def case_sql(name: str, fallback: str) -> str:
+    """The shared case's table.sql when this checkout sits beside it, else the same statements."""
+    path = CASES / name / "table.sql"
+    return path.read_text() if path.is_file() else fallback
+
+
+def reasons_by_id(root: Path) -> dict[int, str]:
+    return {json.loads(r["raw"])["id"]: r["reason"] for r in pq.read_table(str((root / "quarantine").resolve())).to_pylist()}
+
+
+def test_numeric_nan_and_null_are_quarantined_naming_the_column(spark, pg, creds, tmp_path):
+    # The jdbc-numeric-nan case: an unconstrained NUMERIC with 'NaN' (row 4) and NULL (row 5).
+    pg.psql(case_sql("jdbc-numeric-nan", (
+        "CREATE TABLE wide_numeric (id bigint, f1 numeric, f2 numeric, f3 double precision);"
+        "INSERT INTO wide_numeric VALUES (1, 0.5, 0.25, 0.1), (2, 0.75, 0.5, 0.2), (3, 0.1, 0.9, 0.3),"
+        " (4, 'NaN', 0.3, 0.4), (5, NULL, 0.2, 0.5);")))
+    m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=wide_numeric"))
+    assert features(tmp_path / "out") == {1: [0.5, 0.25, pytest.approx(0.1)], 2: [0.75, 0.5, pytest.approx(0.2)],
+                                          3: [pytest.approx(0.1), pytest.approx(0.9), pytest.approx(0.3)]}
+    assert reasons_by_id(tmp_path / "out") == {4: "NaN or infinite value in f1", 5: "null or non-numeric value in f1"}
+    assert (m["rows_in"], m["rows_used"], m["rows_quarantined"]) == (5, 3, 2)
+
+
+def test_infinities_and_numbers_beyond_decimal_or_float32_are_quarantined(spark, pg, creds, tmp_path):
+    pg.psql("CREATE TABLE wide_extreme (id bigint, a numeric, b double precision, c real);"
+            "INSERT INTO wide_extreme VALUES (1, 1.5, 2.5, 3.5), (2, 'Infinity', 0, 0), (3, '-Infinity', 0, 0),"
+            " (4, 1e40, 0, 0), (5, 123456789012345678901234567890.5, 0, 0), (6, 0, 'Infinity', 0),"
+            " (7, 0, 1e300, 0), (8, 0, 0, 'NaN'), (9, 1e-30, 0, 0);")
+    m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=wide_extreme"))
+    # Row 5 has 30 integer digits, beyond Spark's DECIMAL(38,18) (20) but within float32: published.
+    assert features(tmp_path / "out") == {1: [1.5, 2.5, 3.5], 5: [pytest.approx(1.2345679e29), 0.0, 0.0],
+                                          9: [pytest.approx(1e-30), 0.0, 0.0]}
+    assert reasons_by_id(tmp_path / "out") == {
+        2: "NaN or infinite value in a", 3: "NaN or infinite value in a", 4: "value beyond float32 range in a",
+        6: "NaN or infinite value in b", 7: "value beyond float32 range in b", 8: "NaN or infinite value in c",
+    }
+    assert m["rows_in"] == m["rows_used"] + m["rows_quarantined"] == 9
+
+
+def test_array_column_is_the_vector_and_bad_arrays_are_quarantined(spark, pg, creds, tmp_path):
+    # The jdbc-array-column case, found without naming the column and when named as the tool advised.
+    pg.psql(case_sql("jdbc-array-column", (
+        "CREATE TABLE emb_array (id bigint, emb double precision[]);"
+        "INSERT INTO emb_array VALUES (1, '{0.1,0.2,0.3}'), (2, '{0.4,NULL,0.6}'), (3, '{0.7,0.8,0.9}');")))
+    for extra in ([], ["data.jdbc.feature_columns=[emb]"]):
+        m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=emb_array", *extra))
+        assert features(tmp_path / "out") == {1: pytest.approx([0.1, 0.2, 0.3]), 3: pytest.approx([0.7, 0.8, 0.9])}
+        assert reasons_by_id(tmp_path / "out") == {2: "null element in emb"}
+        assert m["feature_names"] == ["emb[0]", "emb[1]", "emb[2]"] and m["jdbc"]["shape"] == "array"
+    # real[] and numeric[] too; ragged, null, NaN and out-of-range rows quarantined.
+    pg.psql("CREATE TABLE emb_more (id bigint, r real[], n numeric[]);"
+            "INSERT INTO emb_more VALUES (1, '{1,2}', '{1,2}'), (2, '{1,2,3}', '{1,2,3}'), (3, NULL, NULL),"
+            " (4, '{NaN,1}', '{NaN,1}'), (5, '{3,4}', '{1e40,1}'), (6, '{5,6}', '{5,6}');")
+    m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=emb_more", "data.jdbc.feature_columns=[r]"))
+    assert features(tmp_path / "out") == {1: [1.0, 2.0], 5: [3.0, 4.0], 6: [5.0, 6.0]}
+    assert reasons_by_id(tmp_path / "out") == {
+        2: "array length differs from the vector width in r: 3 values, expected 2", 3: "null array in r",
+        4: "NaN or infinite element in r"}
+    m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=emb_more", "data.jdbc.feature_columns=[n]"))
+    assert features(tmp_path / "out") == {1: [1.0, 2.0], 6: [5.0, 6.0]}
+    assert reasons_by_id(tmp_path / "out")[5] == "element beyond float32 range in n"
+    assert m["rows_in"] == m["rows_used"] + m["rows_quarantined"] == 6
+    with pytest.raises(InputError, match=r"'r' is an array column; .* must be the only feature column"):
+        run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=emb_more", "data.jdbc.feature_columns=[r,id]"))
+
+
+def test_long_shape_numeric_nan_and_infinity_are_quarantined_naming_the_column(spark, pg, creds, tmp_path):
+    pg.psql("CREATE TABLE long_numeric (id int, feature text, amount numeric);"
+            "INSERT INTO long_numeric VALUES (1, 'a', 1), (1, 'b', 2), (2, 'a', 'NaN'), (2, 'b', 3),"
+            " (3, 'a', 'Infinity'), (3, 'b', 1e50);")
+    m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=long_numeric", "data.jdbc.shape=long",
+                                  "data.jdbc.value_column=amount", "data.jdbc.fill_missing=false"))
+    assert features(tmp_path / "out") == {1: [1.0, 2.0]}
+    got = sorted(r["reason"] for r in pq.read_table(str((tmp_path / "out" / "quarantine").resolve())).to_pylist())
+    assert got == ["NaN or infinite value in amount", "NaN or infinite value in amount", "incomplete vector",
+                   "value beyond float32 range in amount"]
+    assert (m["rows_in"], m["rows_used"], m["rows_quarantined"]) == (6, 2, 4)

@@ -169,7 +169,7 @@ def test_tags_two_days_incremental_then_reload_changes_nothing(spark, tmp_path):
     assert (m3["rows_in"], m3["loads"]) == (0, [])
 
 
-def test_tags_flat_file_with_since_uses_watermark_and_weightings(spark, tmp_path):
+def test_tags_flat_file_with_since_reads_new_events_and_weightings(spark, tmp_path):
     day1 = tags_day1()
     write(tmp_path / "in" / "tags.csv", day1)  # no movies.csv: ids are not checked, items have no titles
     cfg = cfg_for(tmp_path, "movielens_tags", "data.logs.weighting=counts")
@@ -178,17 +178,18 @@ def test_tags_flat_file_with_since_uses_watermark_and_weightings(spark, tmp_path
     assert m1["rows_in"] == 13 and m1["rows_quarantined"] == 8
     feats, manifest, _ = read_tables(spark, tmp_path / "out")
     assert feats[260] == [3.0, 0.0]
-    # The file grows by a day; data.since and the watermark read only the new lines.
+    # The file grows by a day; data.since and the events' identities read only the new lines.
     write(tmp_path / "in" / "tags.csv", day1 + "".join(tags_day2().splitlines(True)[1:5]))
     cfg2 = cfg_for(tmp_path, "movielens_tags", "data.logs.weighting=counts", "data.since=2024-01-03")
     m2 = run_ingest(spark, cfg2)
-    # 4 new lines, plus the 2 lines without a usable timestamp, which no watermark can place: quarantined again.
+    # 4 new lines, plus the 2 lines without a usable timestamp, which data.since cannot place: quarantined
+    # again (this load key, tags.csv@2024-01-03, has not seen them).
     assert (m2["rows_in"], m2["rows_quarantined"]) == (6, 2)
     feats, manifest, _ = read_tables(spark, tmp_path / "out")
     assert manifest["feature_names"] == ["sci-fi", "amélie", "pixar", "romance"]
     assert feats[260] == [4.0, 0.0, 0.0, 0.0] and feats[1] == [0.0, 0.0, 2.0, 0.0]
     m3 = run_ingest(spark, cfg2)
-    assert (m3["rows_in"], m3["rows_used"]) == (2, 0)
+    assert (m3["rows_in"], m3["rows_used"]) == (0, 0)  # the same file again: nothing new, nothing re-quarantined
     assert read_tables(spark, tmp_path / "out")[0] == feats
 
 

@@ -44,6 +44,8 @@ class SourceResult:
     rows_used: Callable[[], int] | None = None
     # Extra manifest entries a source wants to record (e.g. vocabulary size, since-date).
     extra: dict[str, Any] = field(default_factory=dict)
+    # Manifest entries counted once the tables are written (e.g. items without metadata).
+    report: Callable[[], dict[str, Any]] | None = None
     # Tables beyond the three that this source publishes with them (e.g. incremental state).
     extra_tables: dict[str, DataFrame] = field(default_factory=dict)
     # Called once the job is over (published or failed): unpersist caches, delete temp files.

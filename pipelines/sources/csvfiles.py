@@ -1,5 +1,7 @@
-"""CSV helpers every file-based source shares: locate a file under one of its accepted names,
-check its header before Spark starts, and read it as strings so that no line is lost.
+"""Input-file helpers every file-based source shares: locate a file under one of its accepted names
+(refusing the same data given twice under two names), open plain or gzip files with one clear error
+for a damaged one, check a CSV header before Spark starts, and read CSV as RFC 4180 allows it so
+that no line is lost.
 """
 
 from __future__ import annotations
@@ -7,7 +9,10 @@ from __future__ import annotations
 import csv
 import gzip
 import logging
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
@@ -21,19 +26,74 @@ CORRUPT = "_corrupt_record"
 
 
 def find_file(input_dir: str, names: Sequence[str]) -> str:
-    """The first of ``names`` present under ``input_dir``; InputError listing the names if none is."""
+    """The one of ``names`` (or ``name.gz``) present under ``input_dir``; InputError listing the
+    names if none is. Two present at once go through :func:`pick_one` (one is read, or an error)."""
     if not is_local(input_dir):
         # No cheap existence check without Spark: trust the first name; Spark will name a missing path.
         return f"{input_dir.rstrip('/')}/{names[0]}"
     base = local_path(input_dir)
     if not base.is_dir():
         raise InputError(f"{base}: input directory does not exist (data.input); expected {' and '.join(names)}")
-    found = [base / n for n in names if (base / n).is_file()]
+    found = [base / n for name in names for n in (name, f"{name}.gz") if (base / n).is_file()]
     if not found:
         raise InputError(f"{base}: no {' or '.join(names)} found (data.input)")
+    return str(pick_one(found))
+
+
+@contextmanager
+def open_input(path: Path | str, mode: str = "rb", **text_args) -> Iterator:
+    """``path`` opened for reading, through gzip when it ends in ``.gz``. A damaged file (not gzip,
+    truncated, undecodable text) raises InputError naming it, whenever in the ``with`` body it shows,
+    so callers never see a gzip or codec traceback."""
+    p = Path(path)
+    try:
+        if p.suffix == ".gz":
+            fh = gzip.open(p, mode, **text_args)
+        else:
+            fh = open(p, mode, **text_args)  # noqa: SIM115  closed below
+        with fh:
+            yield fh
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise
+        raise InputError(f"{p}: cannot be read ({exc}); truncated, damaged or not gzip?") from None
+
+
+def check_readable(path: Path | str) -> None:
+    """Read a gzip file to its end (a truncated one fails only there); InputError naming a damaged
+    file. Plain files are not read. Local paths only."""
+    if str(path).endswith(".gz") and is_local(str(path)):
+        with open_input(local_path(str(path))) as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+def same_data(a: Path, b: Path) -> bool:
+    """Whether two local files hold the same bytes once decompressed (``.gz`` is read through gzip).
+    Streams both in 1 MiB blocks, so it costs one read of each file and no memory."""
+    with open_input(a) as fa, open_input(b) as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def pick_one(found: Sequence[Path]) -> Path:
+    """One file of several that name the same input (``x`` and ``x.gz``, ``genome-scores.csv`` and
+    ``genome_scores.csv``): the first, with a warning, when they all hold the same data; otherwise
+    InputError naming both, since reading either would silently drop or double records."""
+    first = found[0]
+    for other in found[1:]:
+        if not same_data(first, other):
+            raise InputError(
+                f"{first} and {other}: two files for the same input with different contents; keep one of them"
+            )
     if len(found) > 1:
-        log.warning("%s: both %s present; using %s", base, [p.name for p in found], found[0].name)
-    return str(found[0])
+        log.warning("%s: the same data is also in %s; reading %s once",
+                    first.parent, ", ".join(p.name for p in found[1:]), first.name)
+    return first
 
 
 def check_header(path: str, expected: Sequence[str]) -> None:
@@ -42,8 +102,7 @@ def check_header(path: str, expected: Sequence[str]) -> None:
     if not is_local(path):
         return
     p = local_path(path)
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", encoding="utf-8-sig", newline="") as fh:
+    with open_input(p, "rt", encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -62,9 +121,15 @@ def _first(reader, n: int):
         yield row
 
 
-def read_csv_strings(spark: SparkSession, path: str, columns: Sequence[str]) -> DataFrame:
-    """Every column a string plus ``_corrupt_record`` (the raw line of a line with the wrong number
-    of fields). Quoted and unquoted fields both parse; ``""`` escapes a quote (RFC 4180)."""
+def read_csv_strings(spark: SparkSession, path: str | list[str], columns: Sequence[str],
+                     multi_line: bool = True) -> DataFrame:
+    """Every column a string plus ``_corrupt_record`` (the raw record of a line with the wrong number
+    of fields). Read as RFC 4180 allows: quoted fields may hold commas, ``""`` (an escaped quote)
+    and, with ``multi_line``, line breaks, and are read whole.
+
+    ``multi_line`` makes each file one Spark task (a record may cross any split point), so it is
+    for files with free text (titles, tags); all-numeric files, where a line break inside a field
+    could never parse anyway, read line by line in parallel (:func:`read_csv_typed`)."""
     schema = T.StructType(
         [T.StructField(c, T.StringType(), True) for c in columns] + [T.StructField(CORRUPT, T.StringType(), True)]
     )
@@ -75,9 +140,9 @@ def read_csv_strings(spark: SparkSession, path: str, columns: Sequence[str]) -> 
         .option("columnNameOfCorruptRecord", CORRUPT)
         .option("quote", '"')
         .option("escape", '"')
+        .option("multiLine", multi_line)
         .csv(path)
     )
-
 
 
 def read_csv_typed(spark: SparkSession, path: str, schema: T.StructType) -> DataFrame:

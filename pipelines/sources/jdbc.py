@@ -1,7 +1,8 @@
 """Any table or query over JDBC -> one vector per id, in the wide or the long shape.
 
 ``data.jdbc.shape=wide``: one row per id, one column per feature (``feature_columns``, or every
-numeric column but the id and ``metadata_columns``). ``shape=long``: rows of (id, feature, value),
+numeric column but the id and ``metadata_columns``), or the whole vector in one array column
+(``double precision[]``, ``real[]``; its most common length is the width). ``shape=long``: rows of (id, feature, value),
 pivoted with the feature names sorted; a missing pair is 0.0 (``fill_missing``) or quarantines the
 id. Reads are split into ``num_partitions`` range queries over ``partition_column`` when it is set.
 
@@ -31,6 +32,15 @@ log = logging.getLogger(__name__)
 
 BAD_ID = "null or non-integer id"
 BAD_VALUE = "null or non-numeric value"
+NOT_FINITE = "NaN or infinite value"
+BEYOND_F32 = "value beyond float32 range"
+NULL_ARRAY = "null array"
+NULL_ELEMENT = "null element"
+NOT_FINITE_ELEMENT = "NaN or infinite element"
+ELEMENT_BEYOND_F32 = "element beyond float32 range"
+RAGGED = "array length differs from the vector width"
+# The largest finite float32: a larger double becomes infinity in the float vector.
+F32_MAX = 3.4028234663852886e38
 BAD_FEATURE = "null feature name"
 DUPLICATE_ID = "duplicate id"
 DUPLICATE_PAIR = "duplicate (id, feature)"
@@ -107,17 +117,54 @@ def options(jc) -> dict[str, str]:
 
 def load_table(spark: SparkSession, jc) -> DataFrame:
     """The table as Spark sees it. Spark connects here to learn the schema, so an unreachable database
-    or a failing query raises InputError now, before any output is touched."""
+    or a failing query raises InputError now, before any output is touched.
+
+    DECIMAL columns are read as DOUBLE (Spark's ``customSchema``): Spark's DECIMAL(38,18) cannot hold
+    PostgreSQL's ``NUMERIC 'NaN'``, ``'Infinity'`` or numbers of more than 20 integer digits, and its
+    reader fails the whole job with a Java exception on the first such value. As doubles they arrive
+    as NaN, infinity or a large number, which :func:`value_reason` quarantines naming the column.
+    Arrays of DECIMAL are cast to ``float8[]`` in the query on PostgreSQL (``customSchema`` cannot
+    retype array elements); on other databases they are an InputError saying how to cast them."""
     user, password = credentials(jc)
-    reader = spark.read.format("jdbc").options(**options(jc))
-    if user is not None:
-        reader = reader.option("user", user)
-    if password is not None:
-        reader = reader.option("password", password)
-    try:
-        return reader.load()
-    except Exception as exc:  # Py4JJavaError, AnalysisException, ...: one message, no credentials
-        raise InputError(f"jdbc: cannot read {what(jc)} from {safe_url(jc.url)}: {cause(exc, password)}") from None
+
+    def load(opts: dict[str, str]) -> DataFrame:
+        reader = spark.read.format("jdbc").options(**opts)
+        if user is not None:
+            reader = reader.option("user", user)
+        if password is not None:
+            reader = reader.option("password", password)
+        try:
+            return reader.load()
+        except Exception as exc:  # Py4JJavaError, AnalysisException, ...: one message, no credentials
+            raise InputError(
+                f"jdbc: cannot read {what(jc)} from {safe_url(jc.url)}: {cause(exc, password)}"
+            ) from None
+
+    opts = options(jc)
+    table = load(opts)
+    fields = table.schema.fields
+    decimal_arrays = [
+        f.name for f in fields if isinstance(f.dataType, T.ArrayType) and isinstance(f.dataType.elementType, T.DecimalType)
+    ]
+    if decimal_arrays:
+        if not jc.url.startswith("jdbc:postgresql:"):
+            raise InputError(
+                f"jdbc: column {decimal_arrays[0]!r} is an array of DECIMAL; cast it to an array of double "
+                "precision in data.jdbc.query"
+            )
+        cols = ", ".join(
+            f'{quote(f.name)}::float8[] AS {quote(f.name)}' if f.name in decimal_arrays else quote(f.name) for f in fields
+        )
+        opts = {**opts, "dbtable": f"(SELECT {cols} FROM {opts['dbtable']}) AS sae_cast"}
+    decimals = [f.name for f in fields if isinstance(f.dataType, T.DecimalType)]
+    if decimals:
+        opts = {**opts, "customSchema": ", ".join(f"`{c}` DOUBLE" for c in decimals)}
+    return load(opts) if decimals or decimal_arrays else table
+
+
+def quote(name: str) -> str:
+    """A column name as an SQL identifier (double quotes, doubled inside)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def cause(exc: Exception, secret: str | None) -> str:
@@ -144,40 +191,102 @@ def _raw(df: DataFrame) -> F.Column:
     return F.to_json(F.struct(*[F.col(c) for c in df.columns]))
 
 
-def wide_rows(df: DataFrame, id_col: str, features: list[str], metadata: list[str]) -> DataFrame:
-    """item_id, vec (array<double>), meta struct, raw, reason (null = used)."""
+def value_reason(v: F.Column, column: str) -> F.Column:
+    """Why the double ``v`` of ``column`` cannot go into a float32 vector, naming the column; null
+    when it can. Null (or text that is no number), NaN and infinities, and magnitudes beyond
+    float32's largest finite value (which would turn into infinity) are the reasons."""
+    return (
+        F.when(v.isNull(), F.lit(f"{BAD_VALUE} in {column}"))
+        .when(F.isnan(v) | (F.abs(v) == float("inf")), F.lit(f"{NOT_FINITE} in {column}"))
+        .when(F.abs(v) > F32_MAX, F.lit(f"{BEYOND_F32} in {column}"))
+    )
+
+
+def array_reason(arr: F.Column, column: str, dim: int) -> F.Column:
+    """Why the array<double> ``arr`` of ``column`` is not a vector of width ``dim``, naming the
+    column (null array, ragged length, null, non-finite or out-of-float32-range element); null when
+    it is one."""
+    return (
+        F.when(arr.isNull(), F.lit(f"{NULL_ARRAY} in {column}"))
+        .when(F.size(arr) != dim, F.format_string(f"{RAGGED} in {column}: %d values, expected {dim}", F.size(arr)))
+        .when(F.exists(arr, lambda x: x.isNull()), F.lit(f"{NULL_ELEMENT} in {column}"))
+        .when(F.exists(arr, lambda x: F.isnan(x) | (F.abs(x) == float("inf"))), F.lit(f"{NOT_FINITE_ELEMENT} in {column}"))
+        .when(F.exists(arr, lambda x: F.abs(x) > F32_MAX), F.lit(f"{ELEMENT_BEYOND_F32} in {column}"))
+    )
+
+
+def is_array(df: DataFrame, column: str) -> bool:
+    return isinstance(df.schema[column].dataType, T.ArrayType)
+
+
+def array_width(df: DataFrame, column: str) -> int:
+    """The vector width of an array column: its most common non-null length (the longest among
+    equally common ones). Rows of any other length are quarantined as ragged."""
+    row = (
+        df.filter(F.col(column).isNotNull())
+        .groupBy(F.size(column).alias("n"))
+        .count()
+        .orderBy(F.desc("count"), F.desc("n"))
+        .first()
+    )
+    if row is None or row["n"] < 1:
+        raise InputError(f"jdbc: array column {column!r} holds no non-empty array")
+    return int(row["n"])
+
+
+def wide_rows(df: DataFrame, id_col: str, features: list[str], metadata: list[str], dim: int | None = None) -> DataFrame:
+    """item_id, vec (array<double>), meta struct, raw, reason (null = used). ``features`` is one
+    column per feature, or a single array column (``dim`` elements, see :func:`array_width`)."""
     for c in [id_col, *features, *metadata]:
         if c not in df.columns:
             raise InputError(f"jdbc: column {c!r} not in the result (columns: {df.columns})")
     item = F.expr(f"try_cast(`{id_col}` as long)")
-    vals = [F.expr(f"try_cast(`{c}` as double)") for c in features]
-    first_bad = F.lit(None).cast("string")
-    for c, v in reversed(list(zip(features, vals, strict=True))):
-        first_bad = F.when(v.isNull() | F.isnan(v), F.lit(c)).otherwise(first_bad)
+    if len(features) == 1 and is_array(df, features[0]):
+        arr = F.col(features[0]).cast("array<double>")
+        vec, bad = arr, array_reason(arr, features[0], dim or array_width(df, features[0]))
+    else:
+        vals = [F.expr(f"try_cast(`{c}` as double)") for c in features]
+        vec, bad = F.array(*vals), F.coalesce(*[value_reason(v, c) for c, v in zip(features, vals, strict=True)])
     rows = df.select(
         item.alias("item_id"),
-        F.array(*vals).alias("vec"),
+        vec.alias("vec"),
         F.struct(*[F.col(c) for c in metadata]).alias("meta") if metadata else F.lit(None).alias("meta"),
         _raw(df).alias("raw"),
-        first_bad.alias("bad_col"),
+        bad.alias("bad"),
     )
     n_id = F.count("*").over(Window.partitionBy("item_id"))
     reason = (
         F.when(F.col("item_id").isNull(), F.lit(BAD_ID))
-        .when(F.col("bad_col").isNotNull(), F.concat(F.lit(BAD_VALUE + " in "), F.col("bad_col")))
+        .when(F.col("bad").isNotNull(), F.col("bad"))
         .when(n_id > 1, F.lit(DUPLICATE_ID))
     )
-    return rows.withColumn("reason", reason).drop("bad_col")
+    return rows.withColumn("reason", reason).drop("bad")
 
 
 def wide_features(df: DataFrame, jc) -> tuple[list[str], list[str]]:
-    """Feature and metadata column names of a wide table."""
-    if jc.feature_columns:
-        return list(jc.feature_columns), list(jc.metadata_columns)
+    """Feature and metadata column names of a wide table: ``feature_columns``, or every numeric
+    column but the id and metadata, or else the table's one numeric array column (the vector stored
+    as ``double precision[]`` / ``real[]``). An array column must be the only feature column."""
     skip = {jc.id_column, *jc.metadata_columns}
-    feats = [f.name for f in df.schema.fields if f.name not in skip and isinstance(f.dataType, NUMERIC)]
+    if jc.feature_columns:
+        feats = list(jc.feature_columns)
+    else:
+        feats = [f.name for f in df.schema.fields if f.name not in skip and isinstance(f.dataType, NUMERIC)]
+        if not feats:
+            feats = [f.name for f in df.schema.fields if f.name not in skip and isinstance(f.dataType, T.ArrayType)
+                     and isinstance(f.dataType.elementType, NUMERIC)][:2]
+            feats = feats if len(feats) == 1 else []
     if not feats:
-        raise InputError(f"jdbc: {what(jc)} has no numeric column besides {jc.id_column!r}; set data.jdbc.feature_columns")
+        raise InputError(
+            f"jdbc: {what(jc)} has no numeric column or single numeric array column besides {jc.id_column!r}; "
+            "set data.jdbc.feature_columns"
+        )
+    arrays = [c for c in feats if c in df.columns and is_array(df, c)]
+    if arrays and len(feats) > 1:
+        raise InputError(
+            f"data.jdbc.feature_columns: {arrays[0]!r} is an array column; a vector stored as an array must be "
+            f"the only feature column, got {feats}"
+        )
     return feats, list(jc.metadata_columns)
 
 
@@ -196,9 +305,9 @@ def long_rows(df: DataFrame, id_col: str, feat_col: str, value_col: str) -> Data
     reason = (
         F.when(F.col("item_id").isNull(), F.lit(BAD_ID))
         .when(F.col("feature").isNull(), F.lit(BAD_FEATURE))
-        .when(F.col("value").isNull() | F.isnan("value"), F.lit(BAD_VALUE))
-        .when(n_pair > 1, F.lit(DUPLICATE_PAIR))
+        .otherwise(value_reason(F.col("value"), value_col))
     )
+    reason = F.coalesce(reason, F.when(n_pair > 1, F.lit(DUPLICATE_PAIR)))
     return rows.withColumn("reason", reason)
 
 
@@ -219,6 +328,9 @@ def long_vectors(rows: DataFrame, names: list[str], fill: bool) -> DataFrame:
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """The configured table or query as a SourceResult. Every value a float32 vector cannot hold
+    (null, NaN, infinity, beyond float32 or DECIMAL(38,18), null or missing array elements)
+    quarantines its row with a reason naming the column; none raises a Java exception."""
     jc = cfg.data.jdbc
     table = load_table(spark, jc)
     log.info("jdbc: reading %s from %s (%s shape)", what(jc), safe_url(jc.url), jc.shape)
@@ -230,8 +342,13 @@ def _f32(col: str) -> F.Column:
 
 
 def wide_result(table: DataFrame, jc) -> SourceResult:
-    names, metadata = wide_features(table, jc)
-    rows = wide_rows(table, jc.id_column, names, metadata).persist(StorageLevel.MEMORY_AND_DISK)
+    columns, metadata = wide_features(table, jc)
+    names, dim = columns, None
+    if len(columns) == 1 and columns[0] in table.columns and is_array(table, columns[0]):
+        dim = array_width(table, columns[0])
+        names = [f"{columns[0]}[{i}]" for i in range(dim)]
+        log.info("jdbc: vectors from array column %r, width %d", columns[0], dim)
+    rows = wide_rows(table, jc.id_column, columns, metadata, dim).persist(StorageLevel.MEMORY_AND_DISK)
     good = rows.filter(F.col("reason").isNull())
     features = good.select("item_id", _f32("vec").alias("features"))
     items = good.select("item_id", *[F.col(f"meta.{c}").alias(c) for c in metadata])
@@ -246,7 +363,7 @@ def wide_result(table: DataFrame, jc) -> SourceResult:
         input_files=[_origin(jc)],
         rows_in=rows.count,
         rows_used=None,
-        extra={"jdbc": {"url": safe_url(jc.url), "source": what(jc), "shape": "wide"}},
+        extra={"jdbc": {"url": safe_url(jc.url), "source": what(jc), "shape": "array" if dim else "wide"}},
         cleanup=rows.unpersist,
     )
 

@@ -4,12 +4,14 @@ Input layouts under ``data.input``: a flat ``tags.csv`` (``ratings.csv``), or da
 ``tags/date=YYYY-MM-DD/*.csv`` (``ratings/date=.../*.csv``); ``movies.csv`` beside them gives titles
 and genres, and makes an unknown movieId a quarantine reason.
 
-Incremental loads: the counts (tags) or latest ratings (ratings) of every earlier load live in the
-``state`` table under ``paths.root``, published with the features in one atomic publication. A run
-reads only what is new -- partitions not yet recorded in the state (and not before ``data.since``),
-or, for a flat file, records after the state's watermark (and not before ``data.since``) -- merges
-them into the state and rebuilds the vectors from the merged state. Loading the same day twice reads
-nothing new, so nothing changes.
+Incremental loads: the counts (tags) or ratings (ratings) of every earlier load, and the identity of
+every event loaded, live in the ``state`` table under ``paths.root``, published with the features in
+one atomic publication. A run reads partitions not yet recorded in the state or whose files changed
+since (and not before ``data.since``), or the whole flat file, and keeps only the events not loaded
+before, known by their own identity (user, movie, tag or rating, timestamp), never by a watermark:
+an event appended late, with a timestamp at or before the last load's newest, is loaded and counted
+in the manifest (``late_events``). Rejected lines are remembered by their text per file, so a re-read
+quarantines only new ones. Loading the same file or day twice reads nothing new, so nothing changes.
 
 Counting: ``rows_in`` is the records of *this* load; each is used (its item got a vector) or
 quarantined with a reason. Valid records of an item left without a vector (no tag in the vocabulary,
@@ -33,8 +35,15 @@ from pyspark.sql import types as T
 
 from pipelines.publish import is_local, local_path, table_path
 from pipelines.sources import InputError, SourceResult, register
-from pipelines.sources.csvfiles import CORRUPT, check_header
-from pipelines.sources.tag_genome import MOVIES_HEADER, MOVIES_NAMES, movie_items
+from pipelines.sources.csvfiles import (
+    CORRUPT,
+    check_header,
+    check_readable,
+    find_file,
+    pick_one,
+    read_csv_strings,
+)
+from pipelines.sources.tag_genome import MOVIES_HEADER, MOVIES_NAMES, movie_items, movie_rejects, movie_rows
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +66,10 @@ NO_COLUMNS = "no rating in the vector's columns"
 # One schema for the state of both log sources; `kind` says which columns a row uses:
 #   count  (tags):    item_id, tag, n = applications, ts = latest
 #   rating (ratings): item_id, user_id, rating, ts (the latest rating of the pair)
-#   load   (both):    load = partition or file loaded, n = records read, ts = max timestamp (watermark)
+#   load   (both):    load = partition or file loaded, n = records read, ts = max timestamp,
+#                     tag = the files' name:size signature (a changed partition is read again)
+#   event  (tags):    user_id, item_id, tag, ts of every event loaded (its identity)
+#   rejected (both):  load, tag = the raw line, n = copies quarantined from that file
 STATE = T.StructType(
     [
         T.StructField("source", T.StringType(), False),
@@ -78,14 +90,21 @@ STATE = T.StructType(
 
 def find_loads(input_dir: str, stem: str, since: str = "") -> list[tuple[str, list[str]]]:
     """(load key, files) of the input, oldest first: one per ``<stem>/date=D/`` partition from
-    ``since`` on, else the flat ``<stem>.csv`` as one load keyed by its name."""
+    ``since`` on, else the flat ``<stem>.csv`` (or ``.csv.gz``) as one load keyed by its name.
+
+    The same data twice is read once or refused (:func:`~pipelines.sources.csvfiles.pick_one`):
+    ``x.csv`` beside ``x.csv.gz`` in a partition or flat; a flat file beside partitions is an
+    error naming both, since either choice would silently drop or double events."""
     if not is_local(input_dir):
         return [(f"{stem}.csv", [f"{input_dir.rstrip('/')}/{stem}.csv"])]
     base = local_path(input_dir)
     if not base.is_dir():
         raise InputError(f"{base}: input directory does not exist (data.input); expected {stem}.csv or {stem}/date=*/")
     parts = base / stem
+    flats = [base / n for n in (f"{stem}.csv", f"{stem}.csv.gz") if (base / n).is_file()]
     if parts.is_dir():
+        if flats:
+            raise InputError(f"{flats[0]} and {parts}/: events both in a flat file and in partitions; keep one layout")
         loads = []
         for d in sorted(parts.iterdir()):
             m = PARTITION.match(d.name)
@@ -93,34 +112,40 @@ def find_loads(input_dir: str, stem: str, since: str = "") -> list[tuple[str, li
                 continue
             if since and m.group(1) < since:
                 continue
-            files = sorted(str(f) for f in d.iterdir() if f.is_file() and f.name.endswith((".csv", ".csv.gz")))
+            by_name: dict[str, list[Path]] = {}
+            for f in sorted(d.iterdir(), key=lambda f: (f.suffix == ".gz", f.name)):
+                if f.is_file() and f.name.endswith((".csv", ".csv.gz")):
+                    by_name.setdefault(f.name.removesuffix(".gz"), []).append(f)
+            files = sorted(str(pick_one(group)) for group in by_name.values())
             if files:
                 loads.append((d.name, files))
         if not loads and not since and not any(PARTITION.match(d.name) for d in parts.iterdir()):
             raise InputError(f"{parts}: no date=YYYY-MM-DD/ partitions with .csv files")
         return loads
-    flat = base / f"{stem}.csv"
-    if not flat.is_file():
+    if not flats:
         raise InputError(f"{base}: no {stem}.csv and no {stem}/date=YYYY-MM-DD/ partitions (data.input)")
-    return [(flat.name, [str(flat)])]
+    return [(f"{stem}.csv", [str(pick_one(flats))])]
 
 
 def movies_file(input_dir: str) -> str | None:
+    """movies.csv (or movie.csv, either gzipped) under ``input_dir``, or None when there is none."""
     if not is_local(input_dir):
         return None
     base = local_path(input_dir)
-    found = [base / n for n in MOVIES_NAMES if (base / n).is_file()]
-    return str(found[0]) if found else None
+    if not any((base / n).is_file() or (base / f"{n}.gz").is_file() for n in MOVIES_NAMES):
+        return None
+    return find_file(input_dir, MOVIES_NAMES)
 
 
 def check_logs(cfg, stem: str, header: tuple[str, ...]) -> None:
     for _, files in find_loads(cfg.data.input, stem, cfg.data.since):
         for f in files:
-            if not f.endswith(".gz"):
-                check_header(f, header)
+            check_header(f, header)
+            check_readable(f)
     movies = movies_file(cfg.data.input)
     if movies:
         check_header(movies, MOVIES_HEADER)
+        check_readable(movies)
 
 
 def since_epoch(since: str) -> int | None:
@@ -132,26 +157,22 @@ def since_epoch(since: str) -> int | None:
 # ---------------------------------------------------------------- reading (edges)
 
 
-def read_lines(spark: SparkSession, loads: list[tuple[str, list[str]]], header: tuple[str, ...]) -> DataFrame:
-    """Every field a string, plus _corrupt_record, source_file and load (the load key)."""
-    schema = T.StructType(
-        [T.StructField(c, T.StringType(), True) for c in header] + [T.StructField(CORRUPT, T.StringType(), True)]
-    )
-    frames = []
-    for key, files in loads:
-        df = (
-            spark.read.schema(schema)
-            .option("header", True)
-            .option("mode", "PERMISSIVE")
-            .option("columnNameOfCorruptRecord", CORRUPT)
-            .option("quote", '"')
-            .option("escape", '"')
-            .csv(files)
-        )
-        frames.append(df.withColumn("source_file", F.input_file_name()).withColumn("load", F.lit(key)))
+def read_lines(spark: SparkSession, loads: list[tuple[str, list[str]]], header: tuple[str, ...],
+               multi_line: bool = True) -> DataFrame:
+    """Every field a string, plus _corrupt_record, source_file and load (the load key). Fields as
+    RFC 4180 allows (:func:`~pipelines.sources.csvfiles.read_csv_strings`); ``multi_line`` for files
+    with free text (tags, titles), whose quoted fields may hold line breaks."""
+    frames = [
+        read_csv_strings(spark, files, header, multi_line)
+        .withColumn("source_file", F.input_file_name())
+        .withColumn("load", F.lit(key))
+        for key, files in loads
+    ]
     if not frames:
-        extra = T.StructType([T.StructField("source_file", T.StringType()), T.StructField("load", T.StringType())])
-        return spark.createDataFrame([], T.StructType(schema.fields + extra.fields))
+        schema = T.StructType(
+            [T.StructField(c, T.StringType(), True) for c in (*header, CORRUPT, "source_file", "load")]
+        )
+        return spark.createDataFrame([], schema)
     out = frames[0]
     for df in frames[1:]:
         out = out.unionByName(df)
@@ -178,13 +199,20 @@ def read_state(spark: SparkSession, root: str, source: str) -> DataFrame | None:
     return state
 
 
-def loaded(state: DataFrame | None) -> tuple[set[str], int | None]:
-    """Load keys already in the state, and the watermark (max timestamp loaded)."""
+def loaded(state: DataFrame | None) -> tuple[dict[str, str | None], int | None]:
+    """Load keys already in the state with their files' signature, and the newest timestamp loaded."""
     if state is None:
-        return set(), None
-    rows = state.filter(F.col("kind") == "load").select("load", "ts").collect()
+        return {}, None
+    rows = state.filter(F.col("kind") == "load").select("load", "ts", "tag").collect()
     marks = [r["ts"] for r in rows if r["ts"] is not None]
-    return {r["load"] for r in rows}, (max(marks) if marks else None)
+    return {r["load"]: r["tag"] for r in rows}, (max(marks) if marks else None)
+
+
+def signature(files: list[str]) -> str | None:
+    """``name:size`` of each local file: a partition whose files grow or change is read again."""
+    if not all(is_local(f) for f in files):
+        return None
+    return ";".join(f"{Path(f).name}:{local_path(f).stat().st_size}" for f in sorted(files))
 
 
 # ---------------------------------------------------------------- pure transforms
@@ -245,21 +273,75 @@ def parse_events(lines: DataFrame, value: str, movie_ids: DataFrame | None = Non
     ).select("user_id", "item_id", "value", "ts", "source_file", "load", "raw", "reason")
 
 
-def after(events: DataFrame, since: int | None, watermark: int | None) -> DataFrame:
-    """Records not loaded yet: at or after ``since`` and after the watermark. Lines without a
-    timestamp stay (they are quarantined)."""
-    keep = F.lit(True)
-    if since is not None:
-        keep = keep & (F.col("ts") >= since)
-    if watermark is not None:
-        keep = keep & (F.col("ts") > watermark)
-    return events.filter(F.col("ts").isNull() | keep)
+def after(events: DataFrame, since: int | None) -> DataFrame:
+    """Records at or after ``since``. Lines without a timestamp stay (they are quarantined)."""
+    if since is None:
+        return events
+    return events.filter(F.col("ts").isNull() | (F.col("ts") >= since))
 
 
-def load_rows(events: DataFrame, source: str) -> DataFrame:
-    """One state row per load of this run: records read, max timestamp."""
+def _identity(value: str) -> list[F.Column]:
+    # Ratings are parsed as double and stored as float: compare them as float.
+    v = F.col("value") if value == "tag" else F.col("value").cast("float")
+    return [F.col("user_id"), F.col("item_id"), v.alias("value"), F.col("ts")]
+
+
+def split_seen(events: DataFrame, state: DataFrame | None, value: str) -> tuple[DataFrame, DataFrame]:
+    """(events not loaded before, events loaded before). A valid event was loaded before when its
+    identity (user, movie, tag or rating, timestamp) is in the state; a rejected line when its file
+    (``load``) already had as many copies of that text quarantined. No watermark is involved, so an
+    event that arrives late, with an old timestamp, is new."""
+    if state is None:
+        return events, events.limit(0)
+    if value == "tag":
+        known = state.filter(F.col("kind") == "event").select("user_id", "item_id", F.col("tag").alias("value"), "ts")
+    else:
+        known = state.filter(F.col("kind") == "rating").select(
+            "user_id", "item_id", F.col("rating").cast("float").alias("value"), "ts")
+    known = known.dropDuplicates().withColumn("_seen", F.lit(True))
+    valid = events.filter(F.col("reason").isNull())
+    keyed = valid.select("*", *[c.alias(f"_k{i}") for i, c in enumerate(_identity(value))])
+    keys = ["_k0", "_k1", "_k2", "_k3"]
+    known = known.toDF(*keys, "_seen")
+    valid = keyed.join(known, keys, "left").drop(*keys)
+    rejected_before = state.filter(F.col("kind") == "rejected").groupBy("load", F.col("tag").alias("raw")).agg(
+        F.sum("n").alias("_n"))
+    nth = F.row_number().over(Window.partitionBy("load", "raw").orderBy("source_file", "reason"))
+    rejected = (
+        events.filter(F.col("reason").isNotNull())
+        .withColumn("_nth", nth)
+        .join(rejected_before, ["load", "raw"], "left")
+        .withColumn("_seen", F.col("_nth") <= F.coalesce(F.col("_n"), F.lit(0)))
+        .drop("_nth", "_n")
+    )
+    both = valid.unionByName(rejected)
+    seen = F.coalesce(F.col("_seen"), F.lit(False))
+    return both.filter(~seen).drop("_seen"), both.filter(seen).drop("_seen")
+
+
+def load_rows(spark: SparkSession, events: DataFrame, source: str, loads: list[tuple[str, str | None]]) -> DataFrame:
+    """One state row per load of this run (``loads``: key, files' signature): records read, max timestamp."""
+    keys = spark.createDataFrame(loads, "load string, tag string")
     agg = events.groupBy("load").agg(F.count("*").alias("n"), F.max("ts").alias("ts"))
-    return _state(agg, source, "load")
+    rows = keys.join(agg, "load", "left").select("load", "tag", F.coalesce("n", F.lit(0)).alias("n"), "ts")
+    return _state(rows, source, "load")
+
+
+def event_rows(events: DataFrame, state: DataFrame | None, source: str) -> DataFrame:
+    """The identities of every tag event loaded: the state's and the valid new events'."""
+    new = _state(events.filter(F.col("reason").isNull()).select("user_id", "item_id", F.col("value").alias("tag"), "ts"),
+                 source, "event")
+    return new if state is None else new.unionByName(state.filter(F.col("kind") == "event"))
+
+
+def rejected_rows(events: DataFrame, state: DataFrame | None, source: str) -> DataFrame:
+    """Copies of each rejected line quarantined per file, over this run and the earlier ones."""
+    new = events.filter(F.col("reason").isNotNull()).select("load", F.col("raw").alias("tag"))
+    rows = new.groupBy("load", "tag").agg(F.count("*").alias("n"))
+    if state is not None:
+        rows = rows.unionByName(state.filter(F.col("kind") == "rejected").select("load", "tag", "n"))
+        rows = rows.groupBy("load", "tag").agg(F.sum("n").alias("n"))
+    return _state(rows, source, "rejected")
 
 
 def _state(df: DataFrame, source: str, kind: str) -> DataFrame:
@@ -330,12 +412,18 @@ def _idf(n_items: int, df: int) -> float:
 
 
 def merge_ratings(state: DataFrame | None, good: DataFrame) -> DataFrame:
-    """The latest rating per (user_id, item_id) over earlier loads and the valid new records."""
+    """Every distinct rating event (user_id, item_id, rating, ts) of earlier loads and the valid new
+    records: the state keeps them all, so each is known by its identity when read again."""
     new = good.select("user_id", "item_id", F.col("value").cast("float").alias("rating"), "ts")
     if state is not None:
         new = new.unionByName(state.filter(F.col("kind") == "rating").select("user_id", "item_id", "rating", "ts"))
+    return new.dropDuplicates(["user_id", "item_id", "rating", "ts"])
+
+
+def latest_ratings(ratings: DataFrame) -> DataFrame:
+    """The latest rating per (user_id, item_id): what the vectors use."""
     latest = F.row_number().over(Window.partitionBy("user_id", "item_id").orderBy(F.desc("ts"), F.desc("rating")))
-    return new.withColumn("_k", latest).filter("_k = 1").drop("_k")
+    return ratings.withColumn("_k", latest).filter("_k = 1").drop("_k")
 
 
 def rating_vectors(ratings: DataFrame, entity: str, width: int, columns: str) -> tuple[DataFrame, list[str]]:
@@ -382,40 +470,54 @@ def bad_events(events: DataFrame) -> DataFrame:
 
 
 def _new_events(spark: SparkSession, cfg, stem: str, header: tuple[str, ...], value: str):
-    """(events of this run, old state or None, loads of this run, input files, movies lines or None)."""
+    """(events of this run, old state or None, loads of this run as (key, signature), input files,
+    movies lines or None, report of events skipped as loaded before and of late events)."""
     source = cfg.data.source
     state = read_state(spark, cfg.paths.root, source) if cfg.data.logs.incremental else None
     done, watermark = loaded(state)
     loads = find_loads(cfg.data.input, stem, cfg.data.since)
     flat = len(loads) == 1 and not PARTITION.match(loads[0][0])
     if flat:
-        # A flat file is re-read each day; the watermark skips what earlier loads took from it.
-        load_key = f"{loads[0][0]}@{cfg.data.since or 'all'}"
-        loads = [(load_key, loads[0][1])]
+        # A flat file is read whole each time; events loaded before are known by their identity.
+        loads = [(f"{loads[0][0]}@{cfg.data.since or 'all'}", loads[0][1])]
     else:
-        skipped = [k for k, _ in loads if k in done]
+        # A partition is read again only when its files changed (a late file, or one that grew).
+        skipped = [k for k, f in loads if k in done and done[k] in (None, signature(f))]
         if skipped:
             log.info("%s: partitions already loaded, skipped: %s", stem, ", ".join(skipped))
-        loads = [(k, f) for k, f in loads if k not in done]
-        watermark = None
+        loads = [(k, f) for k, f in loads if k not in skipped]
     movies_path = movies_file(cfg.data.input)
     movies_lines = None
     if movies_path:
         movies_lines = read_lines(spark, [("movies", [movies_path])], MOVIES_HEADER)
     movie_ids = None
     if movies_lines is not None:
-        movie_ids = movies_lines.select(F.expr("try_cast(trim(movieId) as long)").alias("item_id")).filter(
-            "item_id is not null"
-        )
-    lines = read_lines(spark, loads, header)
-    events = after(parse_events(lines, value, movie_ids), since_epoch(cfg.data.since), watermark if flat else None)
+        movie_ids = movie_rows(movies_lines).filter(F.col("reason").isNull()).select("item_id")
+    # Ratings are all numbers: a line break inside a field could never parse, so they read line by line.
+    lines = read_lines(spark, loads, header, multi_line=value == "tag")
+    events = after(parse_events(lines, value, movie_ids), since_epoch(cfg.data.since))
+    events, seen = split_seen(events, state, value)
     files = [f for _, fs in loads for f in fs] + ([movies_path] if movies_path else [])
-    return events, state, [k for k, _ in loads], files, movies_lines
+
+    def report(new: DataFrame) -> dict:
+        # Late: valid new events at or before the newest timestamp of the earlier loads. Loaded, and said so.
+        late = 0
+        if watermark is not None:
+            late = new.filter(F.col("reason").isNull() & (F.col("ts") <= watermark)).count()
+        n_seen = seen.count()
+        if late:
+            log.warning("%s: %d late events (timestamp at or before the last load's newest, %d) loaded", stem, late,
+                        watermark)
+        if n_seen:
+            log.info("%s: %d events or lines loaded before, skipped", stem, n_seen)
+        return {"late_events": late, "events_loaded_before": n_seen}
+
+    return events, state, [(k, signature(f)) for k, f in loads], files, movies_lines, report
 
 
 def tags_result(spark: SparkSession, cfg) -> SourceResult:
     lc = cfg.data.logs
-    events, state, loads, files, movies_lines = _new_events(spark, cfg, "tags", TAGS_HEADER, "tag")
+    events, state, loads, files, movies_lines, report = _new_events(spark, cfg, "tags", TAGS_HEADER, "tag")
     events = events.persist(StorageLevel.MEMORY_AND_DISK)
     counts = merge_tag_counts(state, events.filter(F.col("reason").isNull())).persist(StorageLevel.MEMORY_AND_DISK)
     vocab = vocabulary(counts, lc.vocab_size, lc.min_support)
@@ -432,7 +534,12 @@ def tags_result(spark: SparkSession, cfg) -> SourceResult:
     if n_no_vocab:
         log.warning("tags: %d movies have no tag in the vocabulary and get no vector", n_no_vocab)
     quarantine = bad_events(events).unionByName(unused_valid(events, features, "item_id", NO_VOCAB))
-    new_state = _state(counts, cfg.data.source, "count").unionByName(load_rows(events, cfg.data.source))
+    new_state = (
+        _state(counts, cfg.data.source, "count")
+        .unionByName(event_rows(events, state, cfg.data.source))
+        .unionByName(rejected_rows(events, state, cfg.data.source))
+        .unionByName(load_rows(spark, events, cfg.data.source, loads))
+    )
     if state is not None:
         new_state = new_state.unionByName(state.filter(F.col("kind") == "load"))
     return _result(
@@ -447,20 +554,23 @@ def tags_result(spark: SparkSession, cfg) -> SourceResult:
             "vocab_size": len(vocab),
             "weighting": lc.weighting,
             "since": cfg.data.since,
-            "loads": loads,
+            "loads": [k for k, _ in loads],
             "items_without_vocab_tags": n_no_vocab,
             "items_without_vocab_tags_sample": sample,
         },
         caches=[events, counts, features],
+        movies_lines=movies_lines,
+        report=report,
     )
 
 
 def ratings_result(spark: SparkSession, cfg) -> SourceResult:
     rc = cfg.data.ratings
-    events, state, loads, files, movies_lines = _new_events(spark, cfg, "ratings", RATINGS_HEADER, "rating")
+    events, state, loads, files, movies_lines, report = _new_events(
+        spark, cfg, "ratings", RATINGS_HEADER, "rating")
     events = events.persist(StorageLevel.MEMORY_AND_DISK)
     ratings = merge_ratings(state, events.filter(F.col("reason").isNull())).persist(StorageLevel.MEMORY_AND_DISK)
-    features, names = rating_vectors(ratings, rc.entity, rc.width, rc.columns)
+    features, names = rating_vectors(latest_ratings(ratings), rc.entity, rc.width, rc.columns)
     if not names:
         events.unpersist()
         ratings.unpersist()
@@ -468,7 +578,11 @@ def ratings_result(spark: SparkSession, cfg) -> SourceResult:
     features = features.persist(StorageLevel.MEMORY_AND_DISK)
     ent = "item_id" if rc.entity == "item" else "user_id"
     quarantine = bad_events(events).unionByName(unused_valid(events, features, ent, NO_COLUMNS))
-    new_state = _state(ratings, cfg.data.source, "rating").unionByName(load_rows(events, cfg.data.source))
+    new_state = (
+        _state(ratings, cfg.data.source, "rating")
+        .unionByName(rejected_rows(events, state, cfg.data.source))
+        .unionByName(load_rows(spark, events, cfg.data.source, loads))
+    )
     if state is not None:
         new_state = new_state.unionByName(state.filter(F.col("kind") == "load"))
     items = _items(movies_lines, features) if rc.entity == "item" else features.select("item_id")
@@ -480,8 +594,10 @@ def ratings_result(spark: SparkSession, cfg) -> SourceResult:
         files=files,
         events=events,
         state=new_state,
-        extra={"entity": rc.entity, "columns": rc.columns, "since": cfg.data.since, "loads": loads},
+        extra={"entity": rc.entity, "columns": rc.columns, "since": cfg.data.since, "loads": [k for k, _ in loads]},
         caches=[events, ratings, features],
+        movies_lines=movies_lines,
+        report=report,
     )
 
 
@@ -492,7 +608,16 @@ def _items(movies_lines: DataFrame | None, features: DataFrame) -> DataFrame:
     return movie_items(movies_lines, ids)
 
 
-def _result(features, items, quarantine, names, files, events, state, extra, caches) -> SourceResult:
+def _result(features, items, quarantine, names, files, events, state, extra, caches,
+            movies_lines: DataFrame | None = None, report=None) -> SourceResult:
+    # movies.csv records that give no metadata are quarantined and counted in, as in tag_genome.
+    meta_bad = None if movies_lines is None else movie_rejects(movies_lines, files[-1])
+    if meta_bad is not None:
+        quarantine = quarantine.unionByName(meta_bad)
+
+    def rows_in() -> int:
+        return events.count() + (meta_bad.count() if meta_bad is not None else 0)
+
     def rows_used() -> int:
         # Valid records of this load whose entity got a vector (the others are quarantined).
         return events.filter(F.col("reason").isNull()).count() - quarantine.filter(
@@ -509,9 +634,10 @@ def _result(features, items, quarantine, names, files, events, state, extra, cac
         quarantine=quarantine,
         feature_names=names,
         input_files=files,
-        rows_in=events.count,
+        rows_in=rows_in,
         rows_used=rows_used,
         extra=extra,
+        report=(lambda: report(events)) if report else None,
         extra_tables={STATE_TABLE: state},
         cleanup=cleanup,
     )

@@ -7,7 +7,7 @@ Item ids run over the splits in order (train, then test), so they stay unique wh
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -18,6 +18,7 @@ from pyspark.sql import SparkSession
 
 from pipelines.publish import is_local, local_path
 from pipelines.sources import InputError, SourceResult, register
+from pipelines.sources.csvfiles import open_input, pick_one
 
 log = logging.getLogger(__name__)
 
@@ -29,39 +30,41 @@ BAD_LABEL = "label out of range 0-9"
 
 
 def pairs(input_path: str) -> list[tuple[str, Path, Path]]:
-    """(split, images file, labels file) for every images file under the input, train first."""
+    """(split, images file, labels file) for every images file under the input, train first.
+
+    One split's file under several names (``x`` beside ``x.gz`` after ``gunzip -k``, or the
+    ``-images.idx3`` spelling beside ``-images-idx3``) is read once: the names are grouped by split
+    prefix and :func:`~pipelines.sources.csvfiles.pick_one` keeps one (warning) or refuses them
+    (InputError naming both) when their contents differ."""
     if not is_local(input_path):
         raise InputError(f"{input_path}: the mnist source reads local idx files only (data.input)")
     base = local_path(input_path)
     if not base.exists():
         raise InputError(f"{base}: does not exist (data.input); expected *-images-idx3-ubyte[.gz] files")
     candidates = [base] if base.is_file() else sorted(base.iterdir())
-    found = []
+    by_prefix: dict[str, list[Path]] = {}
     for img in candidates:
         m = _IMAGES.match(img.name)
-        if not m:
-            continue
-        prefix = m["prefix"]
-        labels = [img.parent / f"{prefix}-labels-idx1-ubyte{ext}" for ext in ("", ".gz")]
-        labels += [img.parent / f"{prefix}-labels.idx1-ubyte{ext}" for ext in ("", ".gz")]
+        if m:
+            # Plain files first: when both hold the same data, the one read needs no inflating.
+            by_prefix.setdefault(m["prefix"], []).append(img)
+    found = []
+    for prefix, imgs in by_prefix.items():
+        img = pick_one(sorted(imgs, key=lambda p: (p.suffix == ".gz", p.name)))
+        labels = [img.parent / f"{prefix}-labels{sep}idx1-ubyte{ext}" for sep in "-." for ext in ("", ".gz")]
         existing = [p for p in labels if p.is_file()]
         if not existing:
             raise InputError(f"{img}: no labels file next to it; expected {labels[0].name}[.gz]")
         split = "test" if prefix.startswith("t10k") or prefix.startswith("test") else prefix
-        found.append((split, img, existing[0]))
+        found.append((split, img, pick_one(existing)))
     if not found:
         raise InputError(f"{base}: no MNIST images file; expected *-images-idx3-ubyte or *-images-idx3-ubyte.gz")
     return sorted(found, key=lambda f: (SPLIT_ORDER.get(f[0], 2), f[0]))
 
 
 def _bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read ({exc}); truncated or not gzip?") from None
+    with open_input(path) as fh:
+        return fh.read()
 
 
 def parse_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -83,9 +86,16 @@ def parse_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
     """Parsed splits, each {split, images (n, 28*28 uint8), labels (n,), images_file, labels_file}."""
     out, files = [], []
+    seen: dict[str, Path] = {}
     for split, img_path, lab_path in pairs(input_path):
         images = parse_idx(img_path, IMAGES_MAGIC, 3)
         labels = parse_idx(lab_path, LABELS_MAGIC, 1)
+        # The same images under two split names (t10k- and test-) would publish every image twice.
+        digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+        if digest in seen:
+            log.warning("%s holds the same images and labels as %s; reading them once", img_path, seen[digest])
+            continue
+        seen[digest] = img_path
         if len(images) != len(labels):
             raise InputError(f"{lab_path}: {len(labels)} labels for {len(images)} images in {img_path.name}")
         if len(images) == 0:
@@ -105,7 +115,7 @@ def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
 def check(cfg) -> None:
     for _, img, lab in pairs(cfg.data.input):
         for path, magic in ((img, IMAGES_MAGIC), (lab, LABELS_MAGIC)):
-            with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            with open_input(path) as fh:
                 head = fh.read(4)
             if len(head) < 4 or int.from_bytes(head, "big") != magic:
                 raise InputError(f"{path}: not an idx file (magic 0x{int.from_bytes(head, 'big'):08x}, "

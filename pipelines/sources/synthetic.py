@@ -146,7 +146,7 @@ def read(spark: SparkSession, cfg) -> SourceResult:
     desc = [f"synthetic:items={sc.items},tags={sc.tags},genres={sc.genres},seed={sc.seed},defects={sc.defect_rate}"]
     meta = items(spark, sc)
     if sc.defect_rate > 0:
-        res = genome_result(spark, long_lines(spark, sc), tags, movies_lines(spark, sc), desc[0], cfg.data.limit, desc)
+        res = genome_result(spark, long_lines(spark, sc), tags, None, desc[0], cfg.data.limit, desc)
         res.items = res.features.select("item_id").join(meta, "item_id", "left")
         res.extra = {"genres": genre_names(sc.genres)}
         return res

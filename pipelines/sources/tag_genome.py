@@ -19,7 +19,14 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from pipelines.sources import InputError, SourceResult, register
-from pipelines.sources.csvfiles import CORRUPT, check_header, find_file, read_csv_strings, read_csv_typed
+from pipelines.sources.csvfiles import (
+    CORRUPT,
+    check_header,
+    check_readable,
+    find_file,
+    read_csv_strings,
+    read_csv_typed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,9 @@ DUPLICATE = "duplicate (movieId, tagId)"
 INCOMPLETE = "incomplete vector"
 OVER_LIMIT = "beyond data.limit"
 NO_GENRES = "(no genres listed)"
+MOVIES_MALFORMED = "malformed movies.csv record"
+MOVIES_BAD_ID = "non-integer movieId in movies.csv"
+MOVIES_DUPLICATE = "duplicate movieId in movies.csv"
 
 
 def files(input_dir: str) -> dict[str, str]:
@@ -59,9 +69,9 @@ def files(input_dir: str) -> dict[str, str]:
 
 def check(cfg) -> None:
     f = files(cfg.data.input)
-    check_header(f["scores"], SCORES_HEADER)
-    check_header(f["tags"], TAGS_HEADER)
-    check_header(f["movies"], MOVIES_HEADER)
+    for kind, header in (("scores", SCORES_HEADER), ("tags", TAGS_HEADER), ("movies", MOVIES_HEADER)):
+        check_header(f[kind], header)
+        check_readable(f[kind])
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
@@ -69,7 +79,7 @@ def read(spark: SparkSession, cfg) -> SourceResult:
     tags = load_tags(spark, f["tags"])
     lines = read_scores(spark, f["scores"])
     movies = read_csv_strings(spark, f["movies"], MOVIES_HEADER)
-    return genome_result(spark, lines, tags, movies, f["scores"], cfg.data.limit, list(f.values()))
+    return genome_result(spark, lines, tags, movies, f["scores"], cfg.data.limit, list(f.values()), f["movies"])
 
 
 register("tag_genome", check, read)
@@ -235,17 +245,53 @@ def unused_lines(movies: DataFrame, tag_ids: list[int], source_file: str, max_id
     return unused.select(F.lit(source_file).alias("source_file"), raw.alias("raw"), reason.alias("reason"))
 
 
-def movie_items(movies_lines: DataFrame, item_ids: DataFrame) -> DataFrame:
-    """item_id, title, genres (array; empty for "(no genres listed)") for every output item; an item
-    missing from movies.csv keeps null metadata rather than being dropped."""
-    meta = movies_lines.select(
+def movie_rows(movies_lines: DataFrame) -> DataFrame:
+    """movies.csv records -> item_id, title, genres (array; empty for "(no genres listed)"), raw,
+    reason (null = the record gives the item's metadata). A record that did not parse, has no
+    integer movieId or repeats one (all but the first, by title) gets a reason: it is quarantined,
+    so metadata is never dropped unseen."""
+    corrupt = F.col(CORRUPT) if CORRUPT in movies_lines.columns else F.lit(None).cast("string")
+    rows = movies_lines.select(
         F.expr("try_cast(trim(movieId) as long)").alias("item_id"),
         F.col("title"),
         F.when(F.col("genres").isNull() | (F.col("genres") == NO_GENRES), F.array().cast("array<string>"))
         .otherwise(F.split("genres", r"\|"))
         .alias("genres"),
-    ).filter(F.col("item_id").isNotNull()).dropDuplicates(["item_id"])
+        F.coalesce(corrupt, F.concat_ws(",", "movieId", "title", "genres")).alias("raw"),
+        corrupt.isNotNull().alias("_corrupt"),
+    )
+    nth = F.row_number().over(Window.partitionBy("item_id").orderBy("title", "raw"))
+    reason = (
+        F.when(F.col("_corrupt"), F.lit(MOVIES_MALFORMED))
+        .when(F.col("item_id").isNull(), F.lit(MOVIES_BAD_ID))
+        .when(nth > 1, F.lit(MOVIES_DUPLICATE))
+    )
+    return rows.select("item_id", "title", "genres", "raw", reason.alias("reason"))
+
+
+def movie_items(movies_lines: DataFrame, item_ids: DataFrame) -> DataFrame:
+    """item_id, title, genres (array; empty for "(no genres listed)") for every output item; an item
+    missing from movies.csv keeps null metadata rather than being dropped (see missing_metadata)."""
+    meta = movie_rows(movies_lines).filter(F.col("reason").isNull()).select("item_id", "title", "genres")
     return item_ids.join(meta, "item_id", "left")
+
+
+def movie_rejects(movies_lines: DataFrame, source_file: str) -> DataFrame:
+    """Quarantine rows (source_file, raw, reason) of the movies.csv records that give no metadata."""
+    rows = movie_rows(movies_lines)
+    return rows.filter(F.col("reason").isNotNull()).select(F.lit(source_file).alias("source_file"), "raw", "reason")
+
+
+def missing_metadata(movies_lines: DataFrame, item_ids: DataFrame, what: str = "movies.csv") -> dict:
+    """Manifest entries for the published items without a movies.csv row (they are published with
+    null title and genres), with a warning: their number and the first 20 ids."""
+    meta = movie_rows(movies_lines).filter(F.col("reason").isNull()).select("item_id")
+    missing = item_ids.join(meta, "item_id", "left_anti")
+    row = missing.agg(F.count("*").alias("n"), F.slice(F.sort_array(F.collect_list("item_id")), 1, 20).alias("s")).first()
+    n, sample = int(row["n"]), [int(i) for i in (row["s"] or [])]
+    if n:
+        log.warning("%d published items have no %s row (title and genres left empty), e.g. %s", n, what, sample)
+    return {"items_without_metadata": n, "items_without_metadata_sample": sample}
 
 
 # ---------------------------------------------------------------- composition
@@ -255,13 +301,18 @@ def genome_result(
     spark: SparkSession,
     lines: DataFrame,
     tags: list[tuple[int, str]],
-    movies_lines: DataFrame,
+    movies_lines: DataFrame | None,
     source_file: str,
     limit: int = 0,
     input_files: list[str] | None = None,
+    movies_file: str | None = None,
 ) -> SourceResult:
     """Scores lines + tag table + movies lines -> SourceResult. Caches the per-movie aggregate
-    (vectors of complete movies, pairs of the others): every output and count is read from it."""
+    (vectors of complete movies, pairs of the others): every output and count is read from it.
+
+    ``rows_in`` counts the scores lines and the movies.csv records quarantined (``movies_file``
+    names them); items without a movies.csv row are published and reported in the manifest.
+    ``movies_lines`` None: no metadata (the caller builds ``items``)."""
     tag_ids = [t for t, _ in tags]
     dim = len(tag_ids)
     classified = classify_scores(lines, tag_ids, spark)
@@ -274,24 +325,41 @@ def genome_result(
         ).first()[0]
     features = vectors(movies, max_id)
     counted: dict[str, int] = {}
+    if movies_lines is None:
+        meta_bad = classified.sparkSession.createDataFrame([], "source_file string, raw string, reason string")
+        items = features.select("item_id")
+    else:
+        meta_bad = movie_rejects(movies_lines, movies_file or "movies.csv")
+        items = movie_items(movies_lines, features.select("item_id"))
 
     def count() -> dict[str, int]:
         # Every scores line is one element of one aggregate row's pairs (n_lines): one pass over the cache.
         if not counted:
             used = F.when(F.col("complete") & (F.lit(True) if max_id is None else F.col("movie_id") <= max_id), 1)
             row = movies.agg(F.sum("n_lines").alias("rows_in"), F.count(used).alias("items")).first()
-            counted.update(rows_in=int(row["rows_in"] or 0), rows_used=int(row["items"]) * dim)
+            n_meta_bad = meta_bad.count()
+            counted.update(rows_in=int(row["rows_in"] or 0) + n_meta_bad, rows_used=int(row["items"]) * dim,
+                           metadata_quarantined=n_meta_bad)
         return counted
+
+    def report() -> dict:
+        if movies_lines is None:
+            return {}
+        return {"metadata_quarantined": count()["metadata_quarantined"],
+                **missing_metadata(movies_lines, features.select("item_id"))}
 
     return SourceResult(
         features=features,
-        items=movie_items(movies_lines, features.select("item_id")),
-        quarantine=bad_lines(movies, source_file).unionByName(unused_lines(movies, tag_ids, source_file, max_id)),
+        items=items,
+        quarantine=bad_lines(movies, source_file)
+        .unionByName(unused_lines(movies, tag_ids, source_file, max_id))
+        .unionByName(meta_bad),
         feature_names=[name for _, name in tags],
         input_files=input_files or [source_file],
         rows_in=lambda: count()["rows_in"],
         rows_used=lambda: count()["rows_used"],
         extra={"tag_ids": tag_ids},
+        report=report,
         cleanup=lambda: movies.unpersist() and None,
     )
 
