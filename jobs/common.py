@@ -7,13 +7,17 @@ receives them. Nothing imports ``jobs/`` except the jobs themselves.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -172,3 +176,100 @@ def record_config(cfg: Config, stage: str) -> Path | None:
     path = out / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{stage}.yaml"
     path.write_text(f"# sae {stage}, config hash {cfg.hash()}\n" + cfg.to_yaml(), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------- errors at the top of every command
+
+# What the machine, not the input or the code, is to blame for: named with the path and the cause.
+FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# The same causes as the JVM (Hadoop, Parquet) and sqlite word them; value = the cause as we print it.
+FAULT_TEXTS = {
+    "No space left on device": "No space left on device",
+    "Disk quota exceeded": "Disk quota exceeded",
+    "Read-only file system": "Read-only file system",
+    "Permission denied": "Permission denied",
+    "File too large": "File too large",
+    "database or disk is full": "No space left on device",
+    "attempt to write a readonly database": "Read-only file system",
+    "Mkdirs failed to create": "cannot create the directory",
+}
+_PATH = re.compile(r"(?:file:)?(/[^\s'\"()\[\],]+)")
+
+
+def environment_fault(exc: BaseException) -> tuple[str | None, str] | None:
+    """``(path or None, cause)`` when ``exc`` or what raised it is an environment fault (a full or
+    read-only disk, a missing permission), else None. Looks through Python's exception chain and the
+    text of Java exceptions (Py4J), whose OS error survives only as words."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FAULT_ERRNOS:
+            return (None if e.filename is None else str(e.filename)), os.strerror(e.errno)
+        text = str(e)
+        for words, cause in FAULT_TEXTS.items():
+            at = text.find(words)
+            if at >= 0:
+                line_start = text.rfind("\n", 0, at) + 1
+                line_end = text.find("\n", at)
+                line = text[line_start : len(text) if line_end < 0 else line_end]
+                paths = _PATH.findall(line)
+                return (paths[0] if paths else None), cause
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def debug_log_dir() -> Path:
+    """Where full traces go: ``SAE_LOG_DIR``, else ``sae-logs/`` in the system temporary folder
+    (not under ``paths.root``, which may be the full or read-only disk being reported)."""
+    return Path(os.environ.get("SAE_LOG_DIR") or Path(tempfile.gettempdir()) / "sae-logs")
+
+
+def write_debug_log(exc: BaseException) -> Path | None:
+    """The full trace of ``exc`` in a new file under :func:`debug_log_dir`; None if that fails too."""
+    try:
+        d = debug_log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"sae-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}.log"
+        path.write_text(f"sae {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(exc)), encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
+def _root_from_argv(argv: list[str]) -> str | None:
+    """``paths.root`` of the command line ``argv`` (for naming the disk when the error names no path)."""
+    try:
+        args, _ = new_parser("sae", "").parse_known_args(argv)
+        return load_config(args.config, [o for o in args.overrides if "=" in o], args.preset).paths.root
+    except (ConfigError, SystemExit):
+        return None
+
+
+def guarded(main: Callable[[], int], argv: list[str] | None = None) -> int:
+    """Run a command's ``main`` with the errors every command shares turned into one line and exit 2.
+
+    Environment faults print ``environment error: PATH: CAUSE (full trace in FILE)``; a model URI
+    that does not resolve prints ``error: ...``. Anything else propagates with its traceback (a bug).
+    Used by ``sae``'s main and by each job's ``__main__`` (the spark-submit entry points) alike.
+    """
+    from sae_model.registry import ModelURIError
+
+    try:
+        return int(main() or 0)
+    except ModelURIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        fault = environment_fault(exc)
+        if fault is None:
+            raise
+        path, cause = fault
+        path = path or _root_from_argv(sys.argv[1:] if argv is None else argv) or "paths.root"
+        trace = write_debug_log(exc)
+        where = f"full trace in {trace}" if trace else "no debug log: the temporary folder is not writable either"
+        print(f"environment error: {path}: {cause} ({where})", file=sys.stderr)
+        return 2

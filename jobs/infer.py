@@ -11,7 +11,7 @@ import json
 import sys
 import tempfile
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
+from jobs.common import guarded, log, new_parser, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config, tracking_uri
 
 DESCRIPTION = (
@@ -27,7 +27,7 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
     import mlflow
 
     from pipelines.inference import predict_batch
-    from pipelines.scoring import resolve_model
+    from sae_model.registry import resolve_model
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     record_config(cfg, "infer")
@@ -78,4 +78,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -20,7 +20,7 @@ import sys
 from contextlib import nullcontext
 from typing import Any
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
+from jobs.common import guarded, log, new_parser, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config
 
 DESCRIPTION = (
@@ -112,4 +112,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

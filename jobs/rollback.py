@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import log, new_parser, resolve, setup_logging
+from jobs.common import guarded, log, new_parser, resolve, setup_logging
 from pipelines.config import Config
 
 DESCRIPTION = "Swap the @champion and @previous aliases and point codes/ and neighbors/ at their previous versions."
@@ -57,4 +57,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

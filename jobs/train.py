@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
+from jobs.common import guarded, log, new_parser, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config, ConfigError, tracking_uri
 from pipelines.publish import is_local, local_path, table_uri
 
@@ -129,4 +129,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

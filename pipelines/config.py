@@ -526,6 +526,9 @@ def tracking_uri(cfg: Config) -> str:
         return cfg.mlflow.tracking_uri
     if not is_local(cfg.paths.root):
         raise ConfigError("mlflow.tracking_uri: must be set when paths.root is not a local directory")
+    from sae_model.tracking import relocate_store, sqlite_uri
+
     root = local_path(cfg.paths.root)
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    relocate_store(root / "mlflow.db")  # a paths.root moved or copied whole keeps working
+    return sqlite_uri(root / "mlflow.db")

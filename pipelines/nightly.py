@@ -32,11 +32,12 @@ from pyspark.sql import functions as F
 from pipelines.alignment import Alignment, procrustes
 from pipelines.config import Config, tracking_uri
 from pipelines.publish import local_path, table_path, table_uri
+from sae_model.registry import CHAMPION_ALIAS, PREVIOUS_ALIAS
 
 log = logging.getLogger(__name__)
 
 STEPS = ["ingest", "train", "evaluate", "promote", "publish", "report"]
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS = CHAMPION_ALIAS, PREVIOUS_ALIAS
 ALIGNMENT_TAG = "map_alignment"  # model-version tag: the transform its codes are published with
 FEATURES_TAG = "feature_names_sha"  # model-version tag: which feature set the model was trained on
 LOWER_IS_BETTER = ("ae_squared_error",)
@@ -432,7 +433,7 @@ def step_publish(spark: SparkSession, cfg: Config, state: NightState) -> dict[st
     import tempfile
 
     from pipelines.inference import predict_batch
-    from pipelines.scoring import resolve_model
+    from sae_model.registry import resolve_model
 
     decision = state.results["promote"]
     version = decision["serving_version"]
