@@ -124,11 +124,16 @@ def log_evaluation(run_id: str, metrics: dict[str, float], figure: Path | None, 
 
 
 def sqlite_uri(db: str | Path) -> str:
-    """The MLflow tracking URI of the sqlite file ``db``. The path is percent-encoded: SQLAlchemy
-    decodes it, and would otherwise cut ``run #1?x/mlflow.db`` at the ``?`` and open ``run #1``."""
-    from urllib.parse import quote
+    """The MLflow tracking URI of the sqlite file ``db``.
 
-    return "sqlite:///" + quote(str(Path(db).absolute()))
+    SQLAlchemy percent-decodes the path and cuts it at ``?``, while MLflow creates the database's
+    folder from the undecoded text; so only what SQLAlchemy would misread is quoted (``?`` and a
+    ``%`` before two hex digits), and paths with spaces, ``#`` or non-ASCII stay as they are.
+    """
+    import re
+
+    path = re.sub(r"%(?=[0-9A-Fa-f]{2})", "%25", str(Path(db).absolute()))
+    return "sqlite:///" + path.replace("?", "%3F")
 
 
 def sqlite_path(uri: str) -> Path | None:
