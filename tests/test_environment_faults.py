@@ -156,3 +156,56 @@ def test_spark_submit_entry_point_gives_the_same_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"environment error: {root}") and "full trace in " + str(tmp_path / "logs") in last
     assert "Traceback" not in r.stderr and "Py4J" not in r.stderr
+
+
+def _small_disk(path: Path) -> dict:
+    """A 1 MB disk at ``path``: a tmpfs where this process may mount one, else a 1 MB cap on file
+    sizes for the child (RLIMIT_FSIZE, SIGXFSZ ignored: writes past it fail with 'File too large').
+    Returns subprocess.run keyword arguments for the child."""
+    import resource
+    import signal
+
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=False, capture_output=True
+    ).returncode == 0:
+        return {}
+
+    def cap() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    return {"preexec_fn": cap}
+
+
+@pytest.mark.slow
+def test_full_disk_in_a_spark_write_is_one_line_and_keeps_the_published_tables(tmp_path):
+    disk = tmp_path / "disk"
+    limits = _small_disk(disk)
+    root = disk / "root"
+    env = dict(os.environ, PYTHONPATH=str(REPO), SAE_LOG_DIR=str(tmp_path / "logs"))
+
+    def ingest(items: int, tags: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "ingest", "--config", "conf/local.yaml", f"paths.root={root}",
+             "data.source=synthetic", f"data.synthetic.items={items}", f"data.synthetic.tags={tags}", "spark.master=local[2]"],
+            check=False, cwd=REPO, capture_output=True, text=True, timeout=900, env=env, **limits,
+        )
+
+    try:
+        first = ingest(200, 16)
+        assert first.returncode == 0, first.stderr[-3000:]
+        published = os.readlink(root / "features")
+        versions = sorted(p.name for p in (root / ".versions").rglob("*"))
+        full = ingest(20000, 64)  # ~5 MB of features: does not fit
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert lines[-1].startswith(f"environment error: {root}/") and "full trace in " + str(tmp_path / "logs") in lines[-1]
+        assert ("No space left on device" if not limits else "File too large") in lines[-1]
+        # No Java or Python trace on the console (it was ~500 lines of Java before).
+        assert not any(line.startswith(("\tat ", "Traceback", "Caused by")) for line in lines) and len(lines) < 40
+        assert os.readlink(root / "features") == published
+        assert sorted(p.name for p in (root / ".versions").rglob("*")) == versions
+    finally:
+        if not limits:
+            subprocess.run(["umount", str(disk)], check=False)
