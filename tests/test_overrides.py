@@ -56,3 +56,26 @@ def test_typed_keys_still_read_yaml():
 def test_a_comment_in_a_typed_value_is_an_error_not_dropped(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("name", ["run #1", "a b ü", "100%41", "x?y;z"])
+def test_every_reader_opens_a_root_with_special_characters(tmp_path, name):
+    """pyarrow (in-memory), Petastorm (streamed, train.in_memory_max_mb=0) and the labels reader."""
+    import numpy as np
+    import torch
+
+    from pipelines.publish import table_uri
+    from sae_model.data import load_table, open_source, read_labels
+    from tests.train_data import manifold, write_features
+
+    root = tmp_path / name
+    x, labels = manifold(120, 8, seed=1)
+    write_features(root, x, labels)
+    uri = table_uri(str(root), "features")
+    ids, mat = load_table(uri, 8)
+    assert mat.shape == (120, 8)
+    streamed = open_source(uri, 8, 0.0, torch.device("cpu"), in_memory_max_mb=0, workers=1)
+    assert streamed.streaming
+    got = np.concatenate([b.numpy() for b in streamed.batches("train", 50, shuffle=False, seed=0)])
+    assert sorted(map(tuple, got.round(6))) == sorted(map(tuple, x.round(6)))
+    np.testing.assert_array_equal(read_labels(table_uri(str(root), "items"), ids), labels[(ids - 5) // 13])  # ids are 13 i + 5
