@@ -138,9 +138,8 @@ def test_read_only_root_is_one_line_and_nothing_changes(tmp_path, capsys, monkey
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before
 
 
-@pytest.mark.slow
 def test_spark_submit_entry_point_gives_the_same_line(tmp_path):
-    """``python jobs/ingest.py`` is what spark-submit runs: the guard holds there too."""
+    """``jobs/ingest.py`` run as a script, as spark-submit runs it: the guard holds there too."""
     root = tmp_path / "root"
     root.mkdir()
     _unwritable(root)
