@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from jobs.common import KEYS_HELP, add_config_args
+from jobs.common import KEYS_HELP, add_config_args, guarded
 from pipelines.config import SOURCES, presets
 
 # subcommand -> (module under jobs/, one-line help). Each module has DESCRIPTION and command(args).
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._module.command(args) or 0)
+    return guarded(lambda: args._module.command(args), argv)
 
 
 if __name__ == "__main__":

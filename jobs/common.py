@@ -7,13 +7,17 @@ receives them. Nothing imports ``jobs/`` except the jobs themselves.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -140,8 +144,49 @@ def build_spark(cfg: Config) -> Any:
     for key, value in spark_conf(cfg).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    java_log = quiet_java_traces(spark)
     spark.sparkContext.setLogLevel("WARN")
+    if java_log is not None:
+        log.debug("Spark's full log: %s", java_log)
     return spark
+
+
+# The driver JVM's console: one line per event (a failed task's log message carries its whole Java
+# trace, hundreds of lines for one full disk); the complete messages go to a file beside the debug logs.
+_LOG4J = """\
+rootLogger.level = warn
+rootLogger.appenderRef.console.ref = console
+rootLogger.appenderRef.file.ref = file
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{{yy/MM/dd HH:mm:ss}} %p %c{{1}}: %replace{{%m}}{{(?s)[\\r\\n].*}}{{ (more in {path})}}%n%throwable{{none}}
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {path}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = %d{{yy/MM/dd HH:mm:ss}} %p %c: %m%n%ex
+"""
+
+
+def quiet_java_traces(spark: Any) -> Path | None:
+    """Reconfigure the driver JVM's log4j: console lines cut to their first line, everything in a file
+    under :func:`debug_log_dir` (returned). Done after the JVM started, so it holds under spark-submit
+    too; a failure to do it leaves Spark's own logging as it was (None)."""
+    try:
+        d = debug_log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        path = d / f"spark-{stamp}.log"
+        props = d / f"log4j2-{stamp}.properties"
+        props.write_text(_LOG4J.format(path=path), encoding="utf-8")
+        jvm = spark.sparkContext._jvm
+        jvm.org.apache.logging.log4j.core.config.Configurator.reconfigure(jvm.java.net.URI(props.as_uri()))
+        return path
+    except Exception as exc:  # noqa: BLE001 - logging set-up must never stop a job
+        log.debug("Spark's logging left as it is: %s", exc)
+        return None
 
 
 @contextmanager
@@ -192,3 +237,119 @@ def print_summary(summary: dict) -> None:
     print(f"MLflow:     {uri}")
     if uri.startswith("sqlite:"):
         print(f"            open the UI with: mlflow ui --backend-store-uri {uri}")
+
+
+# ---------------------------------------------------------------- errors at the top of every command
+
+# What the machine, not the input or the code, is to blame for: named with the path and the cause.
+FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# The same causes as the JVM (Hadoop, Parquet) and sqlite word them; value = the cause as we print it.
+FAULT_TEXTS = {
+    "No space left on device": "No space left on device",
+    "Disk quota exceeded": "Disk quota exceeded",
+    "Read-only file system": "Read-only file system",
+    "Permission denied": "Permission denied",
+    "File too large": "File too large",
+    "database or disk is full": "No space left on device",
+    "attempt to write a readonly database": "Read-only file system",
+    "Mkdirs failed to create": "cannot create the directory",
+}
+_PATH = re.compile(r"(?:file:)?(/[^\s'\"()\[\],]+)")
+_FILE_PATH = re.compile(r"file:(/[^\s'\"()\[\],]+)")
+
+
+def environment_fault(exc: BaseException, root: str | None = None) -> tuple[str | None, str] | None:
+    """``(path or None, cause)`` when ``exc`` or what raised it is an environment fault (a full or
+    read-only disk, a missing permission), else None. Looks through Python's exception chain and the
+    text of Java exceptions (Py4J), whose OS error survives only as words. The path is the one on
+    the line naming the cause, else the first ``file:`` path in the text; ``root`` (``paths.root``)
+    anchors a path that holds spaces."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FAULT_ERRNOS:
+            return (None if e.filename is None else str(e.filename)), os.strerror(e.errno)
+        text = str(e)
+        for words, cause in FAULT_TEXTS.items():
+            at = text.find(words)
+            if at >= 0:
+                return _path_in(text, at, root), cause
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _path_in(text: str, at: int, root: str | None) -> str | None:
+    line_start = text.rfind("\n", 0, at) + 1
+    line_end = text.find("\n", at)
+    line = text[line_start : len(text) if line_end < 0 else line_end]
+    if root:
+        base = str(local_path(root)) if is_local(root) else root
+        for hay in (line, text):
+            i = hay.find(base)
+            if i >= 0:  # the root may hold spaces: read on from its end to the next delimiter only
+                m = re.match(r"[^\s'\"()\[\],]*", hay[i + len(base) :])
+                return (base + m.group(0)).rstrip(".:;")
+    found = _PATH.findall(line) or _FILE_PATH.findall(text)
+    return found[0].rstrip(".:;") if found else None
+
+
+def debug_log_dir() -> Path:
+    """Where full traces go: ``SAE_LOG_DIR``, else ``sae-logs/`` in the system temporary folder
+    (not under ``paths.root``, which may be the full or read-only disk being reported)."""
+    return Path(os.environ.get("SAE_LOG_DIR") or Path(tempfile.gettempdir()) / "sae-logs")
+
+
+def write_debug_log(exc: BaseException) -> Path | None:
+    """The full trace of ``exc`` in a new file under :func:`debug_log_dir`; None if that fails too."""
+    try:
+        d = debug_log_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"sae-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}.log"
+        path.write_text(f"sae {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(exc)), encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
+def _root_from_argv(argv: list[str]) -> str | None:
+    """``paths.root`` of the command line ``argv`` (to name the disk when the error names no path)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", "-c", default=None)
+    parser.add_argument("--preset", default=None)
+    try:
+        args, rest = parser.parse_known_args(argv)
+        overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+        return load_config(args.config, overrides, args.preset).paths.root
+    except (ConfigError, SystemExit):
+        return None
+
+
+def guarded(main: Callable[[], int], argv: list[str] | None = None) -> int:
+    """Run a command's ``main`` with the errors every command shares turned into one line and exit 2.
+
+    Environment faults print ``environment error: PATH: CAUSE (full trace in FILE)``; a model URI
+    that does not resolve prints ``error: ...``. Anything else propagates with its traceback (a bug).
+    Used by ``sae``'s main and by each job's ``__main__`` (the spark-submit entry points) alike.
+    """
+    from sae_model.registry import ModelURIError
+
+    try:
+        return int(main() or 0)
+    except ModelURIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        root = _root_from_argv(sys.argv[1:] if argv is None else argv)
+        fault = environment_fault(exc, root)
+        if fault is None:
+            raise
+        path, cause = fault
+        path = path or root or "paths.root"
+        trace = write_debug_log(exc)
+        where = f"full trace in {trace}" if trace else "no debug log: the temporary folder is not writable either"
+        print(f"environment error: {path}: {cause} ({where})", file=sys.stderr)
+        return 2

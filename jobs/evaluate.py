@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging
+from jobs.common import guarded, log, new_parser, record_config, resolve, setup_logging
 from pipelines.config import Config, ConfigError, tracking_uri
 from pipelines.publish import pin
 
@@ -32,12 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def find_run(model_uri: str | None, experiment: str) -> tuple[str, str | None]:
-    """``(model URI, the MLflow run it came from or None)``; with no URI, the latest finished train run."""
+    """``(model URI, the MLflow run it came from or None)``; with no URI, the latest finished train run.
+    A URI is resolved by ``sae_model.registry.resolve_model`` (ModelURIError when it does not exist)."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
+    from sae_model.registry import resolve_model
+
     if not model_uri:
+        client = MlflowClient()
         exp = client.get_experiment_by_name(experiment)
         runs = [] if exp is None else client.search_runs(
             [exp.experiment_id], "attributes.status = 'FINISHED' and tags.stage = 'train'",
@@ -46,21 +48,8 @@ def find_run(model_uri: str | None, experiment: str) -> tuple[str, str | None]:
         if not runs:
             raise ConfigError(f"no finished training run in MLflow experiment {experiment!r}; run `sae train` or pass --model-uri")
         return f"runs:/{runs[0].info.run_id}/model", runs[0].info.run_id
-    try:
-        if model_uri.startswith("runs:/"):
-            return model_uri, model_uri[len("runs:/"):].split("/")[0]
-        if model_uri.startswith("models:/"):
-            rest = model_uri[len("models:/"):].strip("/")
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                return model_uri, client.get_model_version_by_alias(name, alias).run_id
-            if "/" in rest:
-                name, version = rest.split("/", 1)
-                return model_uri, client.get_model_version(name, version).run_id
-            return model_uri, client.get_logged_model(rest).source_run_id
-    except MlflowException as exc:
-        raise ConfigError(f"--model-uri {model_uri}: {exc.message}") from exc
-    return model_uri, None  # a local saved-model directory: evaluated into a new run
+    resolved = resolve_model(model_uri, experiment=experiment)
+    return (resolved.local_dir or resolved.uri), resolved.run_id
 
 
 def run(cfg: Config, model_uri: str | None = None) -> dict:
@@ -110,4 +99,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -10,7 +10,16 @@ import argparse
 import json
 import sys
 
-from jobs.common import log, new_parser, print_summary, record_config, resolve, setup_logging, spark_session
+from jobs.common import (
+    guarded,
+    log,
+    new_parser,
+    print_summary,
+    record_config,
+    resolve,
+    setup_logging,
+    spark_session,
+)
 from pipelines.config import Config
 
 DESCRIPTION = (
@@ -49,4 +58,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
+from jobs.common import guarded, log, new_parser, record_config, resolve, setup_logging, spark_session
 from pipelines.config import Config
 
 DESCRIPTION = "Turn raw data (Tag Genome, MNIST, synthetic, logs, JDBC) into validated Parquet feature vectors."
@@ -52,4 +52,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

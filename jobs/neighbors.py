@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from jobs.common import resolve, setup_logging
+from jobs.common import guarded, resolve, setup_logging
 from pipelines.publish import Pinned, scored_pair
 
 DESCRIPTION = (
@@ -112,4 +112,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -20,7 +20,16 @@ import sys
 from contextlib import nullcontext
 from typing import Any
 
-from jobs.common import log, new_parser, record_config, resolve, setup_logging, spark_session
+from jobs.common import (
+    environment_fault,
+    guarded,
+    log,
+    new_parser,
+    record_config,
+    resolve,
+    setup_logging,
+    spark_session,
+)
 from pipelines.config import Config
 
 DESCRIPTION = (
@@ -100,6 +109,8 @@ def command(args: argparse.Namespace) -> int:
         print(f"sae nightly: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     except Exception as exc:  # noqa: BLE001 - any failure: name the step, exit non-zero
+        if environment_fault(exc) is not None:
+            raise  # a full or read-only disk: one line and exit 2 from jobs.common.guarded
         state = NightState.load(cfg.paths.root, night_date(cfg))
         step = state.failed_step or "setup"
         log.exception("nightly failed at step %r", step)
@@ -114,4 +125,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import log, new_parser, resolve, setup_logging, spark_session
+from jobs.common import guarded, log, new_parser, resolve, setup_logging, spark_session
 from pipelines.config import Config
 
 DESCRIPTION = (
@@ -58,4 +58,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

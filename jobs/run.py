@@ -8,7 +8,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import log, new_parser, print_summary, record_config, resolve, setup_logging, spark_session
+from jobs.common import (
+    guarded,
+    log,
+    new_parser,
+    print_summary,
+    record_config,
+    resolve,
+    setup_logging,
+    spark_session,
+)
 from pipelines.config import Config
 
 DESCRIPTION = "Run ingest, training and inference in turn; print where the tables, maps and MLflow store are."
@@ -52,4 +61,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

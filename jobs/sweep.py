@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.common import log, new_parser, setup_logging, training_session
+from jobs.common import guarded, log, new_parser, setup_logging, training_session
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.sweep import best_trial, grid_trials, parse_grid, parse_ranges, random_trials
 
@@ -178,4 +178,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import new_parser, record_config, resolve, setup_logging, training_session
+from jobs.common import guarded, new_parser, record_config, resolve, setup_logging, training_session
 from pipelines.config import Config, ConfigError
 
 DESCRIPTION = "Pretrain layer by layer, fine-tune the unrolled autoencoder, log and register the model in MLflow."
@@ -66,4 +66,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

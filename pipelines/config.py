@@ -461,21 +461,57 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` -> ``(key, value)``. A value for a text key (``paths.root``, ``infer.model_uri``,
+    ``spark.conf.*``, a choice such as ``data.source``) is taken literally, character for character:
+    YAML would cut ``run #1`` at the comment and turn ``yes``, ``null`` or ``1e3`` into other types.
+    Other keys (numbers, booleans, lists) are read as YAML, but never with a comment dropped."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.seed=1")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: bad key")
+    if _takes_text(_field_type(Config, key)):
+        return key, raw
     return key, _parse_scalar(raw)
 
 
+def _field_type(cls: Any, key: str) -> Any:
+    """The declared type of dotted ``key`` (a value's type below a free-form mapping); None if unknown."""
+    tp = cls
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return None
+        if typing.get_origin(tp) is dict and i < len(parts) - 1:
+            return typing.get_args(tp)[1]  # spark.conf.spark.sql.x: the rest of the key is the map's key
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return False
+
+
 def _parse_scalar(raw: str) -> Any:
-    # YAML gives lists ([1,2]), numbers and booleans the same syntax as in the files.
+    """YAML's reading of ``raw`` (lists ``[1,2]``, numbers and booleans as in the files); ``raw``
+    itself when YAML cannot read it or would drop part of it as a comment, so the type check that
+    follows names the whole value instead of silently using what precedes ``#``."""
+    if not raw.strip():
+        return ""
     try:
-        return yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw)
+        tokens = [t for t in yaml.scan(raw) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
     except (yaml.YAMLError, ValueError):  # ValueError: a date-like value YAML cannot build (2024-13-01)
         return raw
+    end = max((t.end_mark.index for t in tokens), default=0)
+    return raw if raw[end:].strip() else value
 
 
 def _nest(cls: Any, key: str, value: Any) -> dict[str, Any]:
@@ -507,6 +543,9 @@ def tracking_uri(cfg: Config) -> str:
         return cfg.mlflow.tracking_uri
     if not is_local(cfg.paths.root):
         raise ConfigError("mlflow.tracking_uri: must be set when paths.root is not a local directory")
+    from sae_model.tracking import relocate_store, sqlite_uri
+
     root = local_path(cfg.paths.root)
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    relocate_store(root / "mlflow.db")  # a paths.root moved or copied whole keeps working
+    return sqlite_uri(root / "mlflow.db")

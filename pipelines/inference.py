@@ -156,7 +156,7 @@ def infer_from_config(spark: SparkSession, cfg: Config, model_uri: str | None = 
 
     import mlflow
 
-    from pipelines.scoring import resolve_model
+    from sae_model.registry import resolve_model
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:

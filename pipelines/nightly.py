@@ -32,12 +32,12 @@ from pyspark.sql import functions as F
 from pipelines.alignment import Alignment, procrustes
 from pipelines.config import Config, tracking_uri
 from pipelines.publish import Pinned, local_path, pin, restore
-from pipelines.scoring import CHAMPION_ALIAS as CHAMPION
+from sae_model.registry import CHAMPION_ALIAS, PREVIOUS_ALIAS
 
 log = logging.getLogger(__name__)
 
 STEPS = ["ingest", "train", "evaluate", "promote", "publish", "report"]
-PREVIOUS = "previous"  # the alias the old champion keeps (CHAMPION: pipelines.scoring)
+CHAMPION, PREVIOUS = CHAMPION_ALIAS, PREVIOUS_ALIAS  # one owner: sae_model.registry
 ALIGNMENT_TAG = "map_alignment"  # model-version tag: the transform its codes are published with
 FEATURES_TAG = "feature_names_sha"  # model-version tag: which feature set the model was trained on
 LOWER_IS_BETTER = ("ae_squared_error",)
@@ -491,7 +491,7 @@ def score_and_publish(
     import tempfile
 
     from pipelines.inference import predict_batch
-    from pipelines.scoring import resolve_model
+    from sae_model.registry import resolve_model
 
     data = data or pin(cfg.paths.root, "ingest", spark)
     scores = pin(cfg.paths.root, "scores", spark)

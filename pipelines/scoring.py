@@ -29,96 +29,11 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from sae_model.registry import ResolvedModel
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_ROWS = 16384
-CHAMPION_ALIAS = "champion"
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model reference pinned on the driver: what executors load and what the tables record."""
-
-    uri: str  # concrete: runs:/ID/..., models:/NAME/VERSION or models:/m-...
-    run_id: str | None
-    version: str | None
-    local_dir: str | None = None  # artefacts downloaded once on the driver (local masters only)
-
-    @property
-    def load_uri(self) -> str:
-        return self.local_dir or self.uri
-
-
-def resolve_model(
-    model_uri: str = "",
-    registered_model: str = "sae",
-    experiment: str = "sae",
-    download_to: str | None = None,
-) -> ResolvedModel:
-    """Pin ``model_uri`` to a concrete model: ``models:/NAME@ALIAS`` becomes ``models:/NAME/VERSION``.
-
-    Empty ``model_uri``: the registered model's ``champion`` alias, else the newest model logged in
-    ``experiment``. With ``download_to`` the artefacts are downloaded there once, so executors on
-    this machine load from disk instead of each asking the tracking server.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    run_id: str | None = None
-    version: str | None = None
-    uri = model_uri
-    if not uri:
-        try:
-            mv = client.get_model_version_by_alias(registered_model, CHAMPION_ALIAS)
-            uri, run_id, version = f"models:/{registered_model}/{mv.version}", mv.run_id, str(mv.version)
-        except MlflowException:
-            exp = client.get_experiment_by_name(experiment)
-            models = (
-                client.search_logged_models(
-                    experiment_ids=[exp.experiment_id],
-                    order_by=[{"field_name": "creation_time", "ascending": False}],
-                    max_results=1,
-                )
-                if exp is not None
-                else []
-            )
-            if not models:
-                raise ValueError(
-                    f"no model to score with: registered model {registered_model!r} has no "
-                    f"@{CHAMPION_ALIAS} alias and experiment {experiment!r} has no logged model; "
-                    "train one (`sae train`) or set infer.model_uri=runs:/RUN_ID/model"
-                ) from None
-            uri, run_id = f"models:/{models[0].model_id}", models[0].source_run_id
-    elif uri.startswith("models:/"):
-        name, _, ref = uri[len("models:/") :].partition("@")
-        if ref:  # alias -> the version it points at now, so a concurrent re-alias can't mix models
-            mv = client.get_model_version_by_alias(name, ref)
-            uri, run_id, version = f"models:/{name}/{mv.version}", mv.run_id, str(mv.version)
-        elif "/" in name and name.rsplit("/", 1)[1].isdigit():
-            mname, ver = name.rsplit("/", 1)
-            mv = client.get_model_version(mname, ver)
-            run_id, version = mv.run_id, str(mv.version)
-        else:
-            run_id = client.get_logged_model(name).source_run_id
-    elif uri.startswith("runs:/"):
-        run_id = uri[len("runs:/") :].split("/", 1)[0]
-    local_dir = None
-    if download_to:
-        local_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_to)
-        local_dir = str(_saved_model_dir(Path(local_dir)))
-    log.info("model %s -> %s (run %s, version %s)", model_uri or "(default)", uri, run_id, version)
-    return ResolvedModel(uri=uri, run_id=run_id, version=version, local_dir=local_dir)
-
-
-def _saved_model_dir(root: Path) -> Path:
-    from sae_model.loading import SPEC_FILE
-
-    found = sorted(p.parent for p in root.rglob(SPEC_FILE))
-    if not found:
-        raise FileNotFoundError(f"{root}: no saved autoencoder ({SPEC_FILE}) among the model's artefacts")
-    return found[0]
 
 
 @functools.lru_cache(maxsize=4)

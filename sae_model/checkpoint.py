@@ -3,10 +3,13 @@
 Layout of a checkpoint directory::
 
     state-000012.pt   model + optimizer state dicts and RNG states (tensors, numbers, strings only)
-    meta.json         which state file is current, stage/epoch, run id, loss history, ...
+    meta-000012.json  its stage/epoch, run id, loss history, ...
+    meta.json         a copy of the current one's meta, naming its state file
 
 Each file is written to a temporary name and renamed into place; ``meta.json`` is replaced last,
-so a kill at any moment leaves the previous checkpoint complete and current.
+so a kill at any moment leaves the previous checkpoint complete and current. The previous
+checkpoint is kept too: a state file damaged after it was written (a partial copy, a disk that
+filled up under a file system that does not order writes) falls back to it, with a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,11 @@ import torch
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+KEEP = 2  # the current checkpoint and the one before it
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a directory can be read; the message names the damaged files."""
 
 
 def _atomic_write_bytes(path: Path, write: Any) -> None:
@@ -34,7 +44,8 @@ def _atomic_write_bytes(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write ``state`` (tensors/containers of tensors) and ``meta`` (JSON) as the current checkpoint."""
+    """Write ``state`` (tensors/containers of tensors) and ``meta`` (JSON) as the current checkpoint;
+    keep the one before it, remove older ones."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
@@ -42,27 +53,72 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
     _atomic_write_bytes(d / name, lambda fh: torch.save(state, fh))
     meta = dict(meta, state_file=name)
     data = json.dumps(meta, indent=1, sort_keys=True).encode()
+    _atomic_write_bytes(d / f"meta-{step:06d}.json", lambda fh: fh.write(data))
     _atomic_write_bytes(d / META, lambda fh: fh.write(data))
-    for old in d.glob("state-*.pt"):  # keep only the current one
-        if old.name != name:
+    # Keep this step and the one before; a later step is left from a damaged checkpoint resumed past.
+    steps = sorted({int(p.stem.split("-", 1)[1]) for p in d.glob("state-*.pt") if p.stem.split("-", 1)[1].isdigit()})
+    keep = {x for x in steps if x <= step}
+    keep = set(sorted(keep)[-KEEP:])
+    for old in [*d.glob("state-*.pt"), *d.glob("meta-*.json")]:
+        suffix = old.stem.split("-", 1)[1]
+        if not suffix.isdigit() or int(suffix) not in keep:
             old.unlink(missing_ok=True)
     return d / name
 
 
-def load_meta(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / META
-    if not path.exists():
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("checkpoint file %s is unreadable (%s); ignoring it", path, exc)
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _metas(d: Path) -> list[dict[str, Any]]:
+    """Every checkpoint's meta in ``d``, newest first (``meta.json``'s own first when it reads)."""
+    out = []
+    current = _read_json(d / META) if (d / META).exists() else None
+    if current is not None:
+        out.append(current)
+    for path in sorted(d.glob("meta-*.json"), reverse=True):
+        meta = _read_json(path)
+        if meta is not None and all(meta.get("state_file") != m.get("state_file") for m in out):
+            out.append(meta)
+    return sorted(out, key=lambda m: int(m.get("step", -1)), reverse=True)
+
+
+def load_meta(directory: str | Path) -> dict[str, Any] | None:
+    """The newest checkpoint's meta whose JSON reads, or None when there is no checkpoint."""
+    metas = _metas(Path(directory))
+    return metas[0] if metas else None
 
 
 def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(state, meta)`` of the current checkpoint, or None; never unpickles arbitrary objects."""
-    meta = load_meta(directory)
-    if meta is None:
+    """``(state, meta)`` of the newest readable checkpoint, or None when there is none at all.
+
+    A state file that cannot be read (truncated, corrupt, missing) is skipped with a warning naming
+    it, and the checkpoint before it is used. Raises CheckpointError when checkpoints exist but none
+    can be read. Never unpickles arbitrary objects (``weights_only=True``).
+    """
+    d = Path(directory)
+    metas = _metas(d)
+    if not metas and not any(d.glob("state-*.pt")):
         return None
-    state = torch.load(Path(directory) / meta["state_file"], map_location="cpu", weights_only=True)
-    return state, meta
+    bad: list[str] = []
+    for meta in metas:
+        path = d / str(meta.get("state_file", ""))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "model" not in state:
+                raise ValueError("not a training checkpoint")
+        except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path, type(exc).__name__, exc)
+            bad.append(f"{path} ({type(exc).__name__})")
+            continue
+        if bad:
+            log.warning("resuming from the older checkpoint %s (step %s) instead of %s", path, meta.get("step"), bad[0])
+        return state, meta
+    raise CheckpointError(f"no readable checkpoint in {d}: " + ", ".join(bad or [f"{d} (no meta.json)"]))
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -160,6 +160,9 @@ class TrainConfig:
     shuffle: bool = True
     # Continue an unfinished checkpoint of the same config without --resume (after a crash or kill).
     auto_resume: bool = True
+    # When no checkpoint to resume can be read (all truncated or corrupt): start afresh (true) or stop
+    # with an error naming the files (false). A readable older checkpoint is always used first.
+    restart_on_bad_checkpoint: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

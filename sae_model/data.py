@@ -259,6 +259,22 @@ def _lower_priority(threads: list) -> None:  # noqa: ANN001 - Petastorm's worker
 
 
 @contextmanager
+def _petastorm_url(uri: str) -> Iterator[str]:
+    """The URL to hand Petastorm for table ``uri``. Petastorm splits it with ``urlparse`` and never
+    unquotes it, so a local path holding ``#``, ``?`` or ``;`` would lose its tail (``run #1`` reads
+    ``run ``); such a table is handed over through a symbolic link with a plain name instead."""
+    url = to_uri(uri)
+    path = url[len("file://") :] if url.startswith("file://") else None
+    if path is None or not any(c in path for c in "#?;"):
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="sae-petastorm-") as tmp:
+        link = Path(tmp) / "table"
+        link.symlink_to(path, target_is_directory=True)
+        yield "file://" + str(link)
+
+
+@contextmanager
 def row_groups(
     uri: str,
     shuffle: bool,
@@ -282,31 +298,32 @@ def row_groups(
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm\..*")
     # Row groups arrive as read-only views of Arrow buffers; batches are gathered from them, never written.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    reader = make_batch_reader(
-        to_uri(uri),
-        schema_fields=[ID_COL, FEATURES_COL],
-        reader_pool_type="thread",
-        workers_count=max(1, workers) if shuffle else 1,
-        shuffle_row_groups=shuffle,
-        seed=seed,
-        num_epochs=1,
-        cur_shard=shard,
-        shard_count=shard_count,
-        shard_seed=seed if shard_count else None,
-        **(
-            dict(cache_type="local-disk", cache_location=cache[0], cache_size_limit=cache[1], cache_row_size_estimate=cache[2])
-            if cache
-            else {}
-        ),
-    )
-    if type(getattr(reader, "_results_queue_reader", None)) is ArrowReaderWorkerResultsQueueReader:
-        reader._results_queue_reader = _ArrowColumns()
-    _lower_priority(getattr(reader._workers_pool, "_workers", []))
-    try:
-        yield ((np.asarray(getattr(r, ID_COL), dtype=np.int64), getattr(r, FEATURES_COL)) for r in reader)
-    finally:
-        reader.stop()
-        reader.join()
+    with _petastorm_url(uri) as url:
+        reader = make_batch_reader(
+            url,
+            schema_fields=[ID_COL, FEATURES_COL],
+            reader_pool_type="thread",
+            workers_count=max(1, workers) if shuffle else 1,
+            shuffle_row_groups=shuffle,
+            seed=seed,
+            num_epochs=1,
+            cur_shard=shard,
+            shard_count=shard_count,
+            shard_seed=seed if shard_count else None,
+            **(
+                dict(cache_type="local-disk", cache_location=cache[0], cache_size_limit=cache[1], cache_row_size_estimate=cache[2])
+                if cache
+                else {}
+            ),
+        )
+        if type(getattr(reader, "_results_queue_reader", None)) is ArrowReaderWorkerResultsQueueReader:
+            reader._results_queue_reader = _ArrowColumns()
+        _lower_priority(getattr(reader._workers_pool, "_workers", []))
+        try:
+            yield ((np.asarray(getattr(r, ID_COL), dtype=np.int64), getattr(r, FEATURES_COL)) for r in reader)
+        finally:
+            reader.stop()
+            reader.join()
 
 
 def batches_from_row_groups(

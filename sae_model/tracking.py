@@ -123,6 +123,102 @@ def log_evaluation(run_id: str, metrics: dict[str, float], figure: Path | None, 
         client.log_artifact(run_id, str(figure), "evaluation")
 
 
+def sqlite_uri(db: str | Path) -> str:
+    """The MLflow tracking URI of the sqlite file ``db``.
+
+    SQLAlchemy percent-decodes the path and cuts it at ``?``, while MLflow creates the database's
+    folder from the undecoded text; so only what SQLAlchemy would misread is quoted (``?`` and a
+    ``%`` before two hex digits), and paths with spaces, ``#`` or non-ASCII stay as they are.
+    """
+    import re
+
+    path = re.sub(r"%(?=[0-9A-Fa-f]{2})", "%25", str(Path(db).absolute()))
+    return "sqlite:///" + path.replace("?", "%3F")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (percent-decoded), else None."""
+    from urllib.parse import unquote
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
+
+
+ARTEFACTS_DIR = "mlartifacts"  # beside mlflow.db: the pipeline's own store keeps its artefacts here
+# Where MLflow's sqlite schema records absolute artefact locations (MLflow 3).
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def relocate_store(db: str | Path) -> list[str]:
+    """Repoint a moved or copied sqlite store at the artefacts beside it; returns the stale locations.
+
+    MLflow records every artefact location as an absolute path, so a ``paths.root`` moved from ``a/``
+    to ``b/`` (mlflow.db and mlartifacts/ together) still sends readers and new runs to
+    ``a/mlartifacts``, which is gone, or, for a copy, belongs to another store. MLflow has no API to
+    move a store; its sqlite schema holds the locations in five columns, rewritten here by prefix in
+    one transaction. A store whose own ``mlartifacts/`` is missing while the old one still exists
+    (the database copied alone) is left as it is, with a warning. Stores this pipeline did not
+    create (artefacts not in an ``mlartifacts`` folder) are never touched.
+    """
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    db = Path(db).absolute()
+    if not db.is_file():
+        return []
+    here = db.parent / ARTEFACTS_DIR
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        try:
+            rows = con.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # a new, empty store
+            return []
+        stale = sorted(
+            {
+                loc.rstrip("/")
+                for (loc,) in rows
+                if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/" + ARTEFACTS_DIR)
+                and Path(unquote(urlparse(loc).path)) != here
+            }
+        )
+        moved = []
+        for old in stale:
+            old_path = Path(unquote(urlparse(old).path))
+            if not here.exists() and old_path.exists():
+                log.warning(
+                    "MLflow store %s records its artefacts in %s, not beside it: copy that folder to %s to "
+                    "make this store independent of the original", db, old_path, here,
+                )
+                continue
+            if not here.exists():
+                log.warning(
+                    "MLflow store %s was moved: its artefacts were in %s, which no longer exists, and there is no "
+                    "%s/ beside it; models logged before the move cannot be loaded until that folder is copied to %s",
+                    db, old_path, ARTEFACTS_DIR, here,
+                )
+            with con:
+                for old_prefix, new_prefix in ((old, here.as_uri()), (str(old_path), str(here))):
+                    for table, column in _LOCATION_COLUMNS:
+                        columns = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                        if column in columns:
+                            con.execute(
+                                f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                                (new_prefix, len(old_prefix) + 1, len(old_prefix), old_prefix),
+                            )
+            log.warning("MLflow store %s was moved or copied: artefact locations %s -> %s", db, old_path, here)
+            moved.append(str(old_path))
+        return moved
+    finally:
+        con.close()
+
+
 def use_experiment(name: str, tracking_uri: str | None = None) -> str:
     """Make ``name`` the active experiment (created if missing) and return its id.
 
@@ -140,8 +236,8 @@ def use_experiment(name: str, tracking_uri: str | None = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = None
-        if uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///") :])
+        db = sqlite_path(uri)
+        if db is not None:
             location = (db.parent / "mlartifacts").absolute().as_uri()
         try:
             exp_id = client.create_experiment(name, artifact_location=location)

@@ -730,7 +730,17 @@ def train(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
         callbacks=list(callbacks or []), fingerprint=fingerprint, rank=rank, world_size=world_size,
     )
-    start = trainer.restore() if do_resume else None
+    try:
+        start = trainer.restore() if do_resume else None
+    except ckpt.CheckpointError as exc:
+        if not train_cfg.restart_on_bad_checkpoint:
+            raise TrainingError(
+                f"{exc}; set train.restart_on_bad_checkpoint=true to start this training afresh "
+                f"(or remove {checkpoint_dir})"
+            ) from None
+        log.warning("%s; starting afresh (train.restart_on_bad_checkpoint=true)", exc)
+        trainer.run_id, trainer.step, trainer.history = None, 0, []
+        start = None
     if start is not None:
         log.info("resuming from %s at stage %d epoch %d (run %s)", checkpoint_dir, start[0], start[1] + 1, trainer.run_id)
 

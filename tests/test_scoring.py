@@ -8,8 +8,9 @@ import pytest
 
 from pipelines.config import InferConfig
 from pipelines.inference import predict_batch
-from pipelines.scoring import parquet_row_groups, resolve_model, score, score_parquet
+from pipelines.scoring import parquet_row_groups, score, score_parquet
 from sae_model.loading import Encoder
+from sae_model.registry import resolve_model
 from tests.infer_data import log_test_model, write_inputs
 
 
