@@ -32,9 +32,6 @@ PALETTE = [
 ]
 OTHER_COLOUR = "#c7c7c7"
 OTHER = "other"
-# Past this many drawn points the page adds a hexagon density layer under the points (which shrink
-# and fade), so that dense regions stay readable; WebGL keeps pan and zoom fluid either way.
-DENSITY_THRESHOLD = 50000
 # Every item's id, title and position travel with a sampled map (for search) up to this many items.
 SEARCH_MAX_ITEMS = 2_000_000
 # Neighbours listed per drawn item (the page holds n x this many ids and distances).

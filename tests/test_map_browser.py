@@ -58,9 +58,10 @@ def test_the_map_page_shows_searches_and_lists_neighbours(page, tmp_path):
         d.execute_script(FIND)
         WebDriverWait(d, 30).until(lambda d: d.execute_script("return saeView('map') && saeView('map').is_idle"))
 
-        # Every published item is drawn, and the page says so.
+        # Every published item is on the page and drawn, and the page says so.
         n_codes = pq.read_table(root / "codes").num_rows
-        assert d.execute_script("return Bokeh.documents[0].get_model_by_name('points').data.x.length") == n_codes
+        for table in ("items", "points"):
+            assert d.execute_script(f"return Bokeh.documents[0].get_model_by_name('{table}').data.x.length") == n_codes
         assert d.execute_script("return saeText('summary')").splitlines()[1] == f"{n_codes} items drawn"
 
         # The canvas is not blank: each genre's colour (as blended at alpha 0.7 over white) covers pixels.
