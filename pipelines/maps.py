@@ -139,7 +139,9 @@ def map_data(
         cat = [cat_col.alias("category")] if cat_col is not None else []
         sample = sample.join(items.select("item_id", *meta, *cat), "item_id", "left")
     if features is not None and feature_names:
-        sample = sample.join(top_features(features, n_top), "item_id", "left")
+        # Only the drawn items' vectors are ranked, not the whole table's.
+        wanted = features.join(sample.select("item_id"), "item_id", "left_semi")
+        sample = sample.join(top_features(wanted, n_top), "item_id", "left")
     pdf = sample.toPandas().sort_values("item_id", kind="stable").reset_index(drop=True)
     codes_m = np.stack(pdf["code"].to_numpy()) if len(pdf) else np.zeros((0, 2), np.float32)
     xy, axes, mean, comps = _projection(codes_m)
@@ -171,12 +173,6 @@ def map_data(
             log.warning("map search covers %d of %d items (SEARCH_MAX_ITEMS)", SEARCH_MAX_ITEMS, n)
     log.info("map: %d of %d items drawn, %d neighbour rows; axes: %s", len(out), n, len(nb), axes)
     return MapData(out, axes, n, category_name, nb, search)
-
-
-def map_sample(codes: DataFrame, items: DataFrame | None, max_points: int = 50000, seed: int = 0) -> tuple[pd.DataFrame, str]:
-    """The drawn points of :func:`map_data` and the axes' description (no neighbours, no features)."""
-    data = map_data(codes, items, max_points=max_points, seed=seed, k=0)
-    return data.points, data.axes
 
 
 def colours(categories: pd.Series) -> tuple[list[str], dict[str, str]]:

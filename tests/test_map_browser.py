@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.browser import chromium, console_errors, requests
-from tests.map_data import publish_small_map
+from tests.map_data import FEATURES, GENRES, publish_small_map
 
 # Finds a Bokeh view by its model's name (views live under shadow roots, out of CSS selectors' reach).
 FIND = r"""
@@ -24,6 +24,14 @@ window.saeView = function(name){
   function walk(v){ if(v.model.name===name) hit=v; for(const c of (v.child_views||[])) walk(c); }
   for(const r of Object.values(Bokeh.index)) walk(r);
   return hit;
+};
+window.saeTooltip = function(){
+  const out=[];
+  function walk(root){ for(const el of root.querySelectorAll('*')){
+    if(el.shadowRoot) walk(el.shadowRoot);
+    if(String(el.className).split(' ').includes('bk-tooltip-content')) out.push(el.innerText);
+  } }
+  walk(document); return out;
 };
 window.saeText = function(name){ return saeView(name).el.shadowRoot.lastElementChild.innerText.replace(/\n+/g, "\n"); };
 """
@@ -99,8 +107,18 @@ def test_the_map_page_shows_searches_and_lists_neighbours(page, tmp_path):
             """const pv=saeView('map'), s=Bokeh.documents[0].get_model_by_name('points').data;
                const i=s.item_id.indexOf(arguments[0]), r=pv.canvas_view.el.getBoundingClientRect();
                return [r.left+pv.frame.x_scale.compute(s.x[i]), r.top+pv.frame.y_scale.compute(s.y[i])]""", lonely)
+        hover = ActionBuilder(d)
+        hover.pointer_action.move_to_location(int(round(sx)), int(round(sy)))
+        hover.perform()
+        # Hovering shows its metadata and the top features that explain it (manifest feature_names).
+        i = int(np.flatnonzero(made["ids"] == lonely)[0])
+        c = made["cluster"][i]
+        WebDriverWait(d, 10).until(lambda d: d.execute_script("return saeTooltip()"))
+        tip = [line.strip() for line in d.execute_script("return saeTooltip()")[0].splitlines()]
+        assert tip[:4] == [names[lonely], "id:\t" + str(lonely), "genre:\t" + GENRES[c], "genres:\t" + made["genres"][i]]
+        assert tip[4].startswith(f"top features:\t{FEATURES[c]}, {FEATURES[c + 3]}")
         click = ActionBuilder(d)
-        click.pointer_action.move_to_location(int(round(sx)), int(round(sy))).click()
+        click.pointer_action.click()
         click.perform()
         WebDriverWait(d, 10).until(lambda d: d.execute_script("return saeText('neighbour_list')").startswith(
             f"Nearest to {names[lonely]}"))
