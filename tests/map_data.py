@@ -15,7 +15,7 @@ FEATURES = ["tearjerker", "funny", "gory", "slow", "violent", "witty"]
 K = 4
 
 
-def publish_small_map(spark, root: Path, n: int = 60, width: int = 2, seed: int = 0) -> dict:  # noqa: ANN001
+def publish_small_map(spark, root: Path, n: int = 60, width: int = 2, seed: int = 0, run_id: str = "r123") -> dict:  # noqa: ANN001
     """Three well separated clusters, one genre each; feature c (and c+3, weaker) is an item's
     strongest in cluster c. Returns ids, titles, codes and genres as written."""
     from pipelines.neighbors import exact_neighbors
@@ -39,7 +39,7 @@ def publish_small_map(spark, root: Path, n: int = 60, width: int = 2, seed: int 
     two = width == 2
     codes = spark.createDataFrame(
         [(int(i), [float(v) for v in c], float(c[0]) if two else None, float(c[1]) if two else None,
-          "models:/sae/3", "r123", "3", scored) for i, c in zip(ids, code, strict=True)],
+          "models:/sae/3", run_id, "3", scored) for i, c in zip(ids, code, strict=True)],
         CODES,
     )
     codes.write.parquet(str(root / "codes"))

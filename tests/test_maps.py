@@ -13,8 +13,16 @@ from tests.map_data import FEATURES, GENRES, K, publish_small_map
 
 @pytest.fixture(scope="module")
 def published(spark, tmp_path_factory):
+    import mlflow
+
     root = tmp_path_factory.mktemp("map-root")
-    return root, publish_small_map(spark, root)
+    tracking = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(tracking)
+    with mlflow.start_run() as run:  # the run that "made" codes/: `sae map --log` logs to it
+        pass
+    mlflow.set_tracking_uri("")
+    made = publish_small_map(spark, root, run_id=run.info.run_id)
+    return root, made | {"tracking": tracking, "run_id": run.info.run_id}
 
 
 def _tables(spark, root):
@@ -26,8 +34,15 @@ def test_sae_map_redraws_from_published_codes(published, tmp_path, capsys):
 
     root, made = published
     out = tmp_path / "movies.html"
-    assert main(["map", f"paths.root={root}", "--out", str(out), "--colour", "genre", "--max-points", "1000"]) == 0
+    args = ["map", f"paths.root={root}", f"mlflow.tracking_uri={made['tracking']}", "--out", str(out)]
+    assert main([*args, "--colour", "genre", "--max-points", "1000", "--log"]) == 0
     assert f"map:        {out}" in capsys.readouterr().out
+    import mlflow
+    from mlflow import MlflowClient
+
+    arts = MlflowClient(made["tracking"]).list_artifacts(made["run_id"], "maps")
+    mlflow.set_tracking_uri("")  # `sae map --log` set it for this process
+    assert sorted(a.path for a in arts) == ["maps/movies.html", "maps/movies.png"]
     page = out.read_text()
     # Self-contained: Bokeh inline, WebGL, the data embedded, nothing fetched.
     assert "<script src" not in page and "<link" not in page and "Toy Story (1995)" in page
