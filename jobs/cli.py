@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("jobs.ingest", "raw data -> validated Parquet feature vectors"),
     "train": ("jobs.train", "pretrain + fine-tune the autoencoder on features/, log to MLflow"),
     "infer": ("jobs.infer", "score every item, publish codes/ and neighbors/, draw the maps"),
+    "map": ("jobs.map", "redraw map.html and map.png from the published codes/ without scoring again"),
     "neighbors": ("jobs.neighbors", "print the nearest items to a title or id"),
     "run": ("jobs.run", "ingest -> train -> infer in one command"),
     "nightly": ("jobs.nightly", "scheduled retraining: ingest, train, compare, promote, publish, report"),

@@ -221,8 +221,9 @@ class InferConfig:
     lsh_bucket_items: int = 2000
     # Query items sampled to measure an approximate method's recall against exact (0 = skip).
     recall_sample: int = 1000
-    # Maps (PNG + HTML) are drawn from a seeded sample of at most this many items (0 = no maps).
-    map_max_points: int = 50000
+    # Maps (PNG + HTML) draw every item up to this many, else a seeded sample of this many (0 = no maps);
+    # the page's search still covers every item. 200,000 drawn items make a ~35 MB page.
+    map_max_points: int = 200000
     seed: int = 0
 
     def __post_init__(self) -> None:

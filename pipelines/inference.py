@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.alignment import Alignment
 from pipelines.config import Config, InferConfig, tracking_uri
-from pipelines.maps import write_maps
+from pipelines.maps import MAP_NEIGHBOURS, map_data, write_maps
 from pipelines.neighbors import recall_at_k, top_k_neighbors
 from pipelines.publish import Pinned, is_local, local_path, pin, publishing
 from pipelines.schemas import CODES, FEATURES, NEIGHBORS, check_columns, conform
@@ -142,7 +143,8 @@ def predict_batch(
     summary["codes"] = scores.path("codes")
     summary["neighbors"] = scores.path("neighbors")
     if infer.map_max_points:
-        summary["maps"] = [str(p) for p in draw_maps(spark, root, model, infer, log_maps, scores, ingest)]
+        run_id = model.run_id if log_maps else None
+        summary["maps"] = [str(p) for p in draw_maps(spark, root, infer, run_id=run_id, scores=scores, ingest=ingest)]
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     return summary
 
@@ -174,35 +176,75 @@ def infer_from_config(spark: SparkSession, cfg: Config, model_uri: str | None = 
 
 
 
+def feature_names(spark: SparkSession, features: str) -> list[str] | None:
+    """The ``feature_names`` of the ingest manifest ``_manifest.json`` in the ``features`` table
+    directory (a pinned version's path), or None when it has none."""
+    import json
+
+    path = f"{features}/_manifest.json"
+    try:
+        if is_local(features):
+            text = local_path(path).read_text(encoding="utf-8")
+        else:
+            text = "".join(r.value for r in spark.read.text(path, wholetext=True).collect())
+        names = json.loads(text).get("feature_names")
+    except (OSError, ValueError, AnalysisException) as exc:
+        log.warning("no features manifest at %s (%s): maps without top features", path, exc)
+        return None
+    return [str(n) for n in names] if names else None
+
+
+def _read_optional(spark: SparkSession, version: Pinned, table: str) -> DataFrame | None:
+    try:
+        return spark.read.parquet(version.path(table))
+    except AnalysisException:
+        log.warning("no %s/ table in %s version %s: the map goes without it", table, version.set_name, version.version)
+        return None
+
+
 def draw_maps(
     spark: SparkSession,
     root: str,
-    model: ResolvedModel,
     infer: InferConfig,
-    log_to_run: bool = True,
+    out: str | Path | None = None,
+    colour: str = "auto",
+    max_points: int | None = None,
+    run_id: str | None = None,
     scores: Pinned | None = None,
     ingest: Pinned | None = None,
 ) -> list[Path]:
-    """Maps of the published codes under ``root``/maps (local roots), logged to the model's training run.
-    ``scores``/``ingest``: the versions to draw (default: the current ones, resolved once here)."""
+    """Draw ``map.png`` and ``map.html`` from the published tables under ``root``, without scoring.
+
+    Reads codes/ (required), items/ (titles, colours), neighbors/ (the page's neighbour lists) and
+    features/ with its manifest (the top features on hover). ``out``: a directory or an ``.html``
+    path; default ``root``/maps for local roots, else a temporary directory. ``max_points``: items
+    drawn (default ``infer.map_max_points``); ``colour``: see ``pipelines.maps.map_data``. With
+    ``run_id`` the two files are logged to that MLflow run under ``maps/``. ``scores``/``ingest``:
+    the published versions to draw (default: the current ones, resolved once here).
+    Raises ValueError for a colour key items/ lacks; AnalysisException when codes/ is missing.
+    """
     import tempfile
 
     scores = scores or pin(root, "scores", spark)
     ingest = ingest or pin(root, "ingest", spark)
     codes = spark.read.parquet(scores.path("codes"))
-    try:
-        items = spark.read.parquet(ingest.path("items"))
-    except Exception:  # noqa: BLE001 - items/ is optional: maps are then uncoloured
-        log.warning("no items/ table under %s: maps without titles or colours", root)
-        items = None
-    out_dir = local_path(root) / "maps" if is_local(root) else Path(tempfile.mkdtemp(prefix="sae-maps-"))
-    title = f"sae map - {model.uri}" + (f" (version {model.version})" if model.version else "")
-    paths = write_maps(codes, items, out_dir, title=title, max_points=infer.map_max_points, seed=infer.seed)
-    if log_to_run and model.run_id:
+    names = feature_names(spark, ingest.path("features"))
+    features = _read_optional(spark, ingest, "features") if names else None
+    data = map_data(
+        codes, _read_optional(spark, ingest, "items"), _read_optional(spark, scores, "neighbors"), features, names,
+        colour=colour, max_points=infer.map_max_points if max_points is None else max_points, seed=infer.seed,
+        k=min(infer.k, MAP_NEIGHBOURS),
+    )
+    first = codes.select("model_uri", "model_version").first()
+    title = "sae map" + (f" - {first.model_uri}" if first else "") + (f" (version {first.model_version})" if first and first.model_version else "")
+    if out is None:
+        out = local_path(root) / "maps" if is_local(root) else Path(tempfile.mkdtemp(prefix="sae-maps-"))
+    paths = write_maps(data, out, title=title)
+    if run_id:
         from mlflow import MlflowClient
 
         client = MlflowClient()
         for p in paths:
-            client.log_artifact(model.run_id, str(p), artifact_path="maps")
-        log.info("maps logged to run %s under maps/", model.run_id)
+            client.log_artifact(run_id, str(p), artifact_path="maps")
+        log.info("maps logged to run %s under maps/", run_id)
     return paths

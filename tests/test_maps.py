@@ -1,0 +1,126 @@
+"""Maps drawn from published tables: `sae map`, what the page embeds, sampling, PCA axes, region labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.maps import bounds, colours, map_data, region_labels
+from tests.map_data import FEATURES, GENRES, K, publish_small_map
+
+
+@pytest.fixture(scope="module")
+def published(spark, tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("map-root")
+    tracking = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(tracking)
+    with mlflow.start_run() as run:  # the run that "made" codes/: `sae map --log` logs to it
+        pass
+    mlflow.set_tracking_uri("")
+    made = publish_small_map(spark, root, run_id=run.info.run_id)
+    return root, made | {"tracking": tracking, "run_id": run.info.run_id}
+
+
+def _tables(spark, root):
+    return [spark.read.parquet(str(root / t)) for t in ("codes", "items", "neighbors", "features")]
+
+
+def test_sae_map_redraws_from_published_codes(published, tmp_path, capsys):
+    from jobs.cli import main
+
+    root, made = published
+    out = tmp_path / "movies.html"
+    args = ["map", f"paths.root={root}", f"mlflow.tracking_uri={made['tracking']}", "--out", str(out)]
+    assert main([*args, "--colour", "genre", "--max-points", "1000", "--log"]) == 0
+    assert f"map:        {out}" in capsys.readouterr().out
+    import mlflow
+    from mlflow import MlflowClient
+
+    arts = MlflowClient(made["tracking"]).list_artifacts(made["run_id"], "maps")
+    mlflow.set_tracking_uri("")  # `sae map --log` set it for this process
+    assert sorted(a.path for a in arts) == ["maps/movies.html", "maps/movies.png"]
+    page = out.read_text()
+    # Self-contained: Bokeh inline, WebGL, the data embedded, nothing fetched.
+    assert "<script src" not in page and "<link" not in page and "Toy Story (1995)" in page
+    assert '"output_backend":"webgl"' in page.replace(" ", "")
+    import matplotlib.image
+
+    png = matplotlib.image.imread(out.with_suffix(".png"))
+    assert png.shape[:2] == (990, 1210)  # 11 x 9 in at 110 dpi
+
+
+def test_a_colour_key_items_lack_is_an_input_error_and_writes_nothing(published, tmp_path, capsys):
+    from jobs.cli import main
+
+    root, _ = published
+    assert main(["map", f"paths.root={root}", "--out", str(tmp_path / "m"), "--colour", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("input error: colour: no column 'nope' in items/ (columns: item_id, title, genres)")
+    assert not (tmp_path / "m").exists()
+
+
+def test_map_data_explains_items_and_lists_their_published_neighbours(spark, published):
+    root, made = published
+    codes, items, nb, feats = _tables(spark, root)
+    data = map_data(codes, items, nb, feats, FEATURES, colour="genre", max_points=1000, k=3)
+    pts = data.points
+    assert len(pts) == data.total == 60 and data.search is None
+    assert pts.item_id.tolist() == sorted(made["ids"].tolist())
+    # Cluster c's strongest features are FEATURES[c] then FEATURES[c + 3]; the genre is the first one.
+    c = made["cluster"][5]
+    row = pts[pts.item_id == made["ids"][5]].iloc[0]
+    assert row.explain.split(", ")[:2] == [FEATURES[c], FEATURES[c + 3]] and row.category == GENRES[c]
+    np.testing.assert_allclose(row[["x", "y"]].to_numpy(float), made["code"][5], rtol=1e-6)
+    want = pq.read_table(root / "neighbors").to_pandas()
+    want = want[want["rank"] <= 3].sort_values(["item_id", "rank"]).reset_index(drop=True)
+    got = data.neighbours.sort_values(["item_id", "rank"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[["item_id", "neighbor_id", "rank"]], want[["item_id", "neighbor_id", "rank"]])
+
+
+def test_a_sampled_map_still_finds_every_item_where_it_is_drawn(spark, tmp_path):
+    # 4-wide codes: drawn on the sample's two principal components; the search table of all items
+    # is projected in Spark with the same components, so drawn items sit where the search puts them.
+    made = publish_small_map(spark, tmp_path, n=60, width=4)
+    codes, items, nb, _ = _tables(spark, tmp_path)
+    data = map_data(codes, items, nb, max_points=20, seed=3, k=K)
+    assert len(data.points) == 20 and data.total == 60 and "PCA of the 4-wide codes" in data.axes
+    assert sorted(data.search.item_id) == sorted(made["ids"])
+    both = data.points.merge(data.search, on="item_id", suffixes=("", "_s"))
+    assert len(both) == 20
+    np.testing.assert_allclose(both[["x", "y"]].to_numpy(), both[["x_s", "y_s"]].to_numpy(), atol=1e-5)
+    assert set(data.neighbours.item_id) == set(data.points.item_id) and len(data.neighbours) == 20 * K
+    # The same seed draws the same sample.
+    assert map_data(codes, items, max_points=20, seed=3, k=0).points.item_id.tolist() == data.points.item_id.tolist()
+
+
+def test_region_labels_name_each_dense_cluster_by_its_commonest_category():
+    rng = np.random.default_rng(0)
+    centres = {"Drama": (0, 0), "Comedy": (10, 0), "Horror": (5, 9)}
+    rows = [(name, *rng.normal(c, 0.5)) for name, c in centres.items() for _ in range(50)]
+    pts = pd.DataFrame(rows, columns=["category", "x", "y"]).assign(explain="")
+    pts.loc[0, "category"] = "Comedy"  # one stray item does not rename its region
+    labels = region_labels(pts).set_index("text")
+    assert sorted(labels.index) == sorted(centres)
+    for name, (cx, cy) in centres.items():
+        assert abs(labels.loc[name, "x"] - cx) < 1 and abs(labels.loc[name, "y"] - cy) < 1
+    # Without categories, text regions are named by their commonest top features.
+    words = pts.assign(category="", explain=[f"{c.lower()}, word" for c in pts.category])
+    assert "drama, word" in set(region_labels(words).text)
+
+
+def test_png_and_page_share_colours_and_axes(spark, published):
+    from pipelines.map_page import build_layout
+
+    root, _ = published
+    codes, items, nb, feats = _tables(spark, root)
+    data = map_data(codes, items, nb, feats, FEATURES, colour="genre", max_points=1000, k=K)
+    layout = build_layout(data, "t")
+    fig = layout.select_one({"name": "map"})
+    assert (fig.x_range.start, fig.x_range.end, fig.y_range.start, fig.y_range.end) == bounds(data.points)
+    _, legend = colours(data.points.category)
+    drawn = {r.name.split(":", 1)[1]: r.glyph.fill_color for r in fig.renderers if (r.name or "").startswith("group:")}
+    assert drawn == legend and set(legend) == set(GENRES)
