@@ -22,12 +22,23 @@ DESCRIPTION = (
 
 
 
-def run(cfg: Config, model_uri: str | None = None) -> dict:
-    """Infer with ``model_uri`` (else ``infer.model_uri``, else the default model); returns the summary."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help="publish even a model whose training run is marked unhealthy (infer.force=true)"
+    )
+
+
+def run(cfg: Config, model_uri: str | None = None, force: bool = False) -> dict:
+    """Infer with ``model_uri`` (else ``infer.model_uri``, else the default model); returns the summary.
+
+    Raises ``sae_model.health.UnhealthyModel`` (nothing published) when the model's training run is
+    tagged unhealthy, unless ``force`` or ``infer.force``.
+    """
     import mlflow
 
     from pipelines.inference import predict_batch
     from pipelines.scoring import resolve_model
+    from sae_model.health import refuse_unhealthy
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     record_config(cfg, "infer")
@@ -40,6 +51,7 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
             experiment=cfg.mlflow.experiment,
             download_to=tmp if local else None,
         )
+        refuse_unhealthy(model.run_id, model.uri, force or cfg.infer.force)
         summary = predict_batch(spark, model, cfg.paths.root, cfg.infer)
     summary["tracking_uri"] = mlflow.get_tracking_uri()
     log.info(
@@ -65,13 +77,20 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("sae infer", DESCRIPTION)
-    return command(parser.parse_args(argv))
+    add_arguments(parser)
+    return command(parser.parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:
+    from sae_model.health import UnhealthyModel
+
     setup_logging()
     cfg = resolve(args)
-    summary = run(cfg)
+    try:
+        summary = run(cfg, force=getattr(args, "force", False))
+    except UnhealthyModel as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print_summary(summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "maps"}, default=str))
     return 0

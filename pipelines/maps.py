@@ -17,6 +17,8 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from pipelines.schemas import genre_names
+
 log = logging.getLogger(__name__)
 
 MAX_CATEGORIES = 12
@@ -55,7 +57,8 @@ def map_sample(codes: DataFrame, items: DataFrame | None, max_points: int = 5000
         axes = f"PCA of the {width}-wide codes (first two components, {share:.0%} of variance)"
     out = pd.DataFrame({"item_id": pdf["item_id"].astype("int64"), "x": xy[:, 0], "y": xy[:, 1]})
     out["title"] = pdf["title"].fillna("").astype(str) if "title" in pdf else ""
-    out["genres"] = pdf["genres"].fillna("").astype(str) if "genres" in pdf else ""
+    # items/ genres are a list column (Tag Genome) or a |-joined string: one |-joined string here.
+    out["genres"] = pdf["genres"].map(lambda g: "|".join(genre_names(g))) if "genres" in pdf else ""
     if "label" in pdf:
         out["category"] = pdf["label"].map(lambda v: "" if pd.isna(v) else str(v))
     elif "genres" in pdf:

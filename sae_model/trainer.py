@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_model import checkpoint as ckpt
+from sae_model import health
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
 from sae_model.model import StackedAutoencoder
@@ -140,6 +141,8 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint_dir: str
     model: StackedAutoencoder | None = None
+    health: str = "ok"  # sae_model.health: "ok" | "unhealthy" (then the model is not registered)
+    health_findings: list[str] = field(default_factory=list)
 
 
 class Callback:
@@ -727,9 +730,10 @@ def train(
     model = build_model(model_cfg, train_cfg.seed)
     if init_from:
         warm_start(model, init_from)
+    checkup = health.HealthCallback()
     trainer = Trainer(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
-        callbacks=list(callbacks or []), fingerprint=fingerprint, rank=rank, world_size=world_size,
+        callbacks=[*(callbacks or []), checkup], fingerprint=fingerprint, rank=rank, world_size=world_size,
     )
     start = trainer.restore() if do_resume else None
     if start is not None:
@@ -738,8 +742,12 @@ def train(
     logging_on = mlflow_settings.enabled and rank == 0
     if not logging_on:
         trainer.fit(start)
+        verdict = health.end_of_run(trainer, checkup)
         metrics, _, _, _ = trainer.validation_report()
-        return TrainResult(None, None, None, metrics, str(checkpoint_dir), trainer.model)
+        return TrainResult(
+            None, None, None, metrics, str(checkpoint_dir), trainer.model, verdict.status,
+            [f.message() for f in verdict.findings],
+        )
 
     import mlflow
 
@@ -760,6 +768,8 @@ def train(
                 dict(mlflow_settings.tags, device=str(device), data_path="in-memory" if not source.streaming else "petastorm")
             )
             trainer.fit(start)
+            verdict = health.end_of_run(trainer, checkup)
+            health.log_verdict(verdict)
             metrics, codes, ids, example = trainer.validation_report()
             mlflow.log_metrics(metrics)
             labels = read_labels(items_uri, ids) if codes.shape[1] == 2 else None
@@ -767,7 +777,8 @@ def train(
             info = log_model(
                 trainer.model.cpu(),
                 name="model",
-                registered_model_name=mlflow_settings.registered_model or None,
+                # An unhealthy run keeps its logged model for inspection but is never registered.
+                registered_model_name=(mlflow_settings.registered_model or None) if verdict.ok else None,
                 input_example=example if len(example) else None,
             )
         except BaseException as exc:
@@ -778,5 +789,6 @@ def train(
     version = getattr(info, "registered_model_version", None)
     log.info("run %s: model %s (version %s), %s", run.info.run_id, info.model_uri, version, metrics)
     return TrainResult(
-        info.model_uri, run.info.run_id, None if version is None else str(version), metrics, str(checkpoint_dir), trainer.model
+        info.model_uri, run.info.run_id, None if version is None else str(version), metrics, str(checkpoint_dir), trainer.model,
+        verdict.status, [f.message() for f in verdict.findings],
     )
