@@ -41,9 +41,9 @@ UNMOVED_RTOL = 1e-3
 # mean) learned nothing useful: the step overshot or saturated the units (pretrain.lr=1e38: 0.99 vs 0.01).
 WORSE_THAN_MEAN_FACTOR = 2.0
 
-PRETRAIN_KEYS = ("pretrain.lr", "pretrain.batch_size", "pretrain.loss_reduction", "pretrain.init")
-FINETUNE_KEYS = ("finetune.lr", "finetune.loss", "finetune.batch_size", "pretrain.lr")
-COLLAPSE_KEYS = ("pretrain.lr", "pretrain.loss_reduction", "pretrain.init", "finetune.lr", "finetune.loss")
+PRETRAIN_KEYS = ("pretrain.lr", "pretrain.loss_reduction", "pretrain.decoder_bias", "model.init")
+FINETUNE_KEYS = ("finetune.lr", "finetune.loss_reduction", "finetune.loss", "pretrain.lr")
+COLLAPSE_KEYS = ("model.init", "pretrain.loss_reduction", "pretrain.lr", "finetune.lr", "finetune.loss")
 
 
 class UnhealthyModel(ValueError):

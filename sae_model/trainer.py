@@ -33,10 +33,19 @@ from sae_model import checkpoint as ckpt
 from sae_model import health
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
-from sae_model.model import StackedAutoencoder
+from sae_model.model import StackedAutoencoder, init_weights
 from sae_model.neighbor_graph import GraphBatch, NeighbourGraph
 from sae_model.neighbor_loss import neighbor_loss, tsne_edge_loss, umap_ab, umap_edge_loss
-from sae_model.pretrain import autoencoder_step, corrupt, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
+from sae_model.pretrain import (
+    DecoderBiasInit,
+    autoencoder_step,
+    corrupt,
+    inputs_for_layer,
+    rbm_params,
+    rbm_step,
+    reduction_scale,
+    tie_rbm_init,
+)
 
 
 def _denormals_flushed() -> bool:
@@ -176,9 +185,11 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
     torch.manual_seed(seed)
-    return StackedAutoencoder(
+    model = StackedAutoencoder(
         list(model_cfg.layers), model_cfg.activation, model_cfg.code_activation, model_cfg.output_activation
     )
+    init_weights(model, model_cfg.init, torch.Generator().manual_seed(seed))
+    return model
 
 
 def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
@@ -326,7 +337,10 @@ class Trainer:
         lr = c.lr
         if stage.kind == "pretrain" and self.pre.method == "rbm" and stage.layer == m.depth - 1:
             lr *= self.pre.rbm_linear_lr_scale
-        return make_optimizer(params, c.optimizer, lr, c.momentum, c.weight_decay)
+        # {pretrain,finetune}.loss_reduction=sum: the step of the L2 cost summed over the reconstructed dims.
+        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
+        scale = 1.0 if rbm else reduction_scale(c.loss_reduction, m.layers[stage.layer or 0], c.optimizer)
+        return make_optimizer(params, c.optimizer, lr * scale, c.momentum, c.weight_decay / scale)
 
     def _decay_lr(self, stage: Stage, epoch: int) -> None:
         """finetune.lr_decay: this epoch's rate, a function of the epoch alone (resume-safe)."""
@@ -731,9 +745,10 @@ def train(
     if init_from:
         warm_start(model, init_from)
     checkup = health.HealthCallback()
+    inits = [DecoderBiasInit()] if pretrain_cfg.decoder_bias == "data_mean" and pretrain_cfg.method == "autoencoder" else []
     trainer = Trainer(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
-        callbacks=[*(callbacks or []), checkup], fingerprint=fingerprint, rank=rank, world_size=world_size,
+        callbacks=[*inits, *(callbacks or []), checkup], fingerprint=fingerprint, rank=rank, world_size=world_size,
     )
     start = trainer.restore() if do_resume else None
     if start is not None:
