@@ -48,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``sae COMMAND ...``. A command's options, positionals and ``key=value`` overrides may come in
+    any order (``parse_intermixed_args``); argparse refuses intermixed parsing across subparsers, so
+    the command's own parser reads everything after the command name."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in COMMANDS:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)  # help, or the error listing the commands
     return guarded(lambda: args._module.command(args), argv)
 
 

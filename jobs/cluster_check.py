@@ -76,7 +76,7 @@ def run(spark: Any, cfg: Config, partitions: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("cluster_check", DESCRIPTION)
     parser.add_argument("--partitions", type=int, default=4)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging()
     cfg = resolve(args)
     with spark_session(cfg) as spark:

@@ -80,7 +80,7 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("sae evaluate", DESCRIPTION)
     add_arguments(parser)
-    return command(parser.parse_args(argv))
+    return command(parser.parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

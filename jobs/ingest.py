@@ -32,7 +32,7 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("sae ingest", DESCRIPTION)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return command(args)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import pyarrow as pa
@@ -15,12 +16,14 @@ import pyarrow.dataset as ds
 
 from jobs.common import guarded, resolve, setup_logging
 from pipelines.publish import Pinned, scored_pair
+from pipelines.schemas import genre_names
 
 DESCRIPTION = (
     "Print the nearest items to QUERY: an item id, or a case-insensitive piece of a title "
     "(candidates are listed when several titles match). Reads the published neighbors/ and items/."
 )
 MAX_CANDIDATES = 20
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")  # paths.root=..., data.synthetic.seed=...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +62,11 @@ def find_item(items: pa.Table, query: str) -> tuple[int | None, pa.Table]:
 
 
 def describe(row: dict) -> str:
+    """One line for an item of any source: its title (else ``item ID``), ``[genres]``, ``label L``."""
     parts = [str(row.get("title") or f"item {row['item_id']}")]
-    if row.get("genres"):
-        parts.append(f"[{row['genres'].replace('|', ', ')}]")
+    genres = genre_names(row.get("genres"))
+    if genres:
+        parts.append(f"[{', '.join(genres)}]")
     if row.get("label") is not None:
         parts.append(f"label {row['label']}")
     return " ".join(parts)
@@ -102,11 +107,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sae neighbors", description=DESCRIPTION)
     add_arguments(parser)
     add_config_args(parser)
-    return command(parser.parse_args(argv))
+    return command(parser.parse_intermixed_args(argv))
+
+
+def split_query(args: argparse.Namespace) -> argparse.Namespace:
+    """Tell the query from the ``key=value`` overrides wherever the user put them: argparse hands the
+    first positional to ``query``, so ``sae neighbors paths.root=out/tg "toy story"`` would search for
+    ``paths.root=out/tg``. An override is a dotted ``section.key=`` word; exactly one other word must remain."""
+    words = [args.query, *args.overrides]
+    overrides = [w for w in words if OVERRIDE.match(w)]
+    queries = [w for w in words if not OVERRIDE.match(w)]
+    if len(queries) != 1:
+        print(f"input error: give exactly one query (an item id or part of a title), got {queries}", file=sys.stderr)
+        raise SystemExit(2)
+    return argparse.Namespace(**{**vars(args), "query": queries[0], "overrides": overrides})
 
 
 def command(args: argparse.Namespace) -> int:
     setup_logging()
+    args = split_query(args)
     cfg = resolve(args)
     return lookup(cfg.paths.root, args.query, args.k)
 

@@ -94,7 +94,7 @@ def run(cfg: Config, only: list[str] | None = None, spark: Any = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("sae nightly", DESCRIPTION)
     add_arguments(parser)
-    return command(parser.parse_args(argv))
+    return command(parser.parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return command(new_parser("sae rollback", DESCRIPTION).parse_args(argv))
+    return command(new_parser("sae rollback", DESCRIPTION).parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

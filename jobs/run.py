@@ -50,12 +50,18 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return command(new_parser("sae run", DESCRIPTION).parse_args(argv))
+    return command(new_parser("sae run", DESCRIPTION).parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:
+    from sae_model.health import UnhealthyModel
+
     setup_logging()
-    summary = run(resolve(args))
+    try:
+        summary = run(resolve(args))
+    except UnhealthyModel as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print_summary(summary)
     return 0
 

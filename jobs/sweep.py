@@ -161,7 +161,7 @@ def format_results(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("sae sweep", DESCRIPTION)
     add_arguments(parser)
-    return command(parser.parse_args(argv))
+    return command(parser.parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

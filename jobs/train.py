@@ -44,11 +44,12 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     parser = new_parser("sae train", DESCRIPTION)
     add_arguments(parser)
-    return command(parser.parse_args(argv))
+    return command(parser.parse_intermixed_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:
     from sae_model.data import DataError
+    from sae_model.health import UnhealthyTraining
     from sae_model.trainer import TrainingDiverged
 
     setup_logging()
@@ -58,9 +59,12 @@ def command(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, UnhealthyTraining) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    if out.get("health") not in (None, "ok"):
+        print(f"warning: the run is unhealthy and its model was not registered: {' | '.join(out['health_findings'])}",
+              file=sys.stderr)
     print(json.dumps(out))
     return 0
 

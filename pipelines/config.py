@@ -203,6 +203,8 @@ class SparkConfig:
 class InferConfig:
     # MLflow model URI; empty = the registered model's `champion` alias, else the pipeline's latest run.
     model_uri: str = ""
+    # Publish a model whose training run is tagged unhealthy (collapsed map, dead loss); `sae infer --force`.
+    force: bool = False
     k: int = 10
     metric: Literal["euclidean", "cosine"] = "euclidean"
     # Which layer's activations to compare: -1 = the code layer; 3 = the 250-wide layer of 1128-1000-500-250-2.

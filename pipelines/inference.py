@@ -149,15 +149,22 @@ def predict_batch(
     return summary
 
 
-def infer_from_config(spark: SparkSession, cfg: Config, model_uri: str | None = None) -> dict[str, Any]:
+def infer_from_config(
+    spark: SparkSession, cfg: Config, model_uri: str | None = None, force: bool = False
+) -> dict[str, Any]:
     """Pin the model (``model_uri``, else ``infer.model_uri``, else ``@champion``, else the newest
     logged model), then ``predict_batch`` over ``paths.root``; returns its summary plus the MLflow
     ``tracking_uri``. On a local master the artefacts are downloaded once and every worker loads
-    them from disk."""
+    them from disk.
+
+    Raises ``sae_model.health.UnhealthyModel`` before anything is scored or published when the
+    model's training run is marked unhealthy (a collapsed or dead map), unless ``force`` or
+    ``infer.force``; ``sae_model.registry.ModelURIError`` when the URI does not resolve."""
     import tempfile
 
     import mlflow
 
+    from sae_model.health import refuse_unhealthy
     from sae_model.registry import resolve_model
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
@@ -169,6 +176,7 @@ def infer_from_config(spark: SparkSession, cfg: Config, model_uri: str | None = 
             experiment=cfg.mlflow.experiment,
             download_to=tmp if local else None,
         )
+        refuse_unhealthy(model.run_id, model.uri, force or cfg.infer.force)
         publish = {"keep": cfg.publish.keep, "meta": {"job": "infer", "config_hash": cfg.hash()}}
         summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish)
     summary["tracking_uri"] = mlflow.get_tracking_uri()

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,18 @@ def _category_column(items: DataFrame | None, colour: str) -> tuple[F.Column | N
     if colour in ("genre", "genres"):
         if "genres" not in cols:
             raise ValueError(f"colour: items/ has no genres column (columns: {', '.join(cols) or 'no items/ table'})")
-        return F.split(F.coalesce(F.col("genres"), F.lit("")), r"\|")[0], "genre"
+        return F.coalesce(F.split(_genres_text(items), r"\|")[0], F.lit("")), "genre"
     if colour not in cols or colour == "item_id":
         raise ValueError(f"colour: no column {colour!r} in items/ (columns: {', '.join(cols) or 'no items/ table'})")
     return F.coalesce(F.col(colour).cast("string"), F.lit("")), colour
+
+
+def _genres_text(items: DataFrame) -> F.Column:
+    """items/ genres as one ``|``-joined string: Tag Genome publishes a list column, MovieLens CSVs a
+    ``|``-joined string (``pipelines.schemas.genre_names`` is the same rule for Python values)."""
+    if isinstance(items.schema["genres"].dataType, T.ArrayType):
+        return F.array_join(F.col("genres"), "|")
+    return F.col("genres").cast("string")
 
 
 def top_features(features: DataFrame, n: int = 3) -> DataFrame:
@@ -135,7 +144,8 @@ def map_data(
     sample = codes.sample(fraction=frac, seed=seed) if frac < 1.0 else codes
     sample = sample.orderBy(F.xxhash64("item_id", F.lit(seed))).limit(max_points).select("item_id", "code")
     if items is not None:
-        meta = [F.col(c) for c in ("title", "genres") if c in items.columns]
+        meta = [F.col("title")] if "title" in items.columns else []
+        meta += [_genres_text(items).alias("genres")] if "genres" in items.columns else []
         cat = [cat_col.alias("category")] if cat_col is not None else []
         sample = sample.join(items.select("item_id", *meta, *cat), "item_id", "left")
     if features is not None and feature_names:

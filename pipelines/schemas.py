@@ -55,6 +55,16 @@ class SchemaError(ValueError):
     """A table does not have the contracted shape; the message names the field."""
 
 
+def genre_names(genres: object) -> list[str]:
+    """Genres as a list, whichever way the source stored them: a list/array column (Tag Genome's
+    ``items/``), a ``|``-joined string (MovieLens CSV), or nothing."""
+    if genres is None:
+        return []
+    if isinstance(genres, str):
+        return [g for g in genres.split("|") if g]
+    return [str(g) for g in genres if g]
+
+
 def check_columns(df: DataFrame, schema: T.StructType, table: str) -> None:
     """Every contracted column is present with its type (extra columns are allowed)."""
     have = {f.name: f.dataType for f in df.schema.fields}

@@ -22,6 +22,9 @@ class ModelConfig:
     # Hinton & Salakhutdinov keep the code layer linear so the map is not squashed into a box.
     code_activation: Literal["linear", "sigmoid"] = "linear"
     output_activation: Literal["sigmoid", "linear"] = "sigmoid"
+    # Initial weights: "default" = PyTorch's U(+-1/sqrt(fan_in)); "glorot4" = U(+-4 sqrt(6/(fan_in+fan_out)))
+    # with zero biases, the Theano-era init for logistic units (Glorot & Bengio 2010, section 4.2.2).
+    init: Literal["default", "glorot4"] = "default"
 
     def __post_init__(self) -> None:
         if len(self.layers) < 2:
@@ -45,6 +48,12 @@ class PretrainConfig:
     cd_k: int = 1
     # The RBM with linear (Gaussian) code units needs a smaller step: Hinton's code uses 0.001 vs 0.1.
     rbm_linear_lr_scale: float = 0.01
+    # The L2 cost the lr applies to (SGD): "mean" = squared error averaged over the batch and the dims,
+    # "sum" = summed over each item's dims, averaged over the batch (the Theano-era cost; lr x width).
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    # "data_mean": each pretraining stage starts its decoder's bias at the logit of its input's mean
+    # (sigmoid outputs), so the first steps are not spent on the offset every output shares.
+    decoder_bias: Literal["default", "data_mean"] = "default"
 
     def __post_init__(self) -> None:
         _check_phase("pretrain", self.epochs, self.lr, self.batch_size)
@@ -65,6 +74,8 @@ class FinetuneConfig:
     # Learning rate over the fine-tuning epochs: constant, or decayed per epoch from lr towards 0
     # (linear, as UMAP's optimiser; or cosine). Set from the epoch number, so a resume continues it.
     lr_decay: Literal["none", "linear", "cosine"] = "none"
+    # As pretrain.loss_reduction, for the mse/bce reconstruction with SGD (not the neighbour losses).
+    loss_reduction: Literal["mean", "sum"] = "mean"
     loss: Literal["mse", "bce", NeighbourLoss] = "mse"
     # Weight of the reconstruction term when loss is a neighbour loss (tsne/umap).
     recon_weight: float = 0.0
@@ -92,6 +103,8 @@ class FinetuneConfig:
         _check_phase("finetune", self.epochs, self.lr, self.batch_size, allow_zero_epochs=True)
         if self.recon_weight < 0:
             raise ValueError(f"finetune.recon_weight: must be >= 0, got {self.recon_weight}")
+        if self.loss_reduction == "sum" and self.loss in ("tsne", "umap"):
+            raise ValueError(f"finetune.loss_reduction=sum: only for the reconstruction losses (mse, bce), not {self.loss}")
         if not 0.0 <= self.corruption < 1.0:
             raise ValueError(f"finetune.corruption: must be in [0, 1), got {self.corruption}")
         if self.neighbor_batch_size < 2:

@@ -40,6 +40,8 @@ def result_summary(result: Any) -> dict[str, Any]:
         "model_version": result.model_version,
         "metrics": dict(result.metrics),
         "checkpoint_dir": result.checkpoint_dir,
+        "health": result.health,
+        "health_findings": list(result.health_findings),
     }
 
 

@@ -10,6 +10,27 @@ from torch import nn
 _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "gelu": nn.GELU, "linear": nn.Identity}
 
 
+@torch.no_grad()
+def init_weights(model: StackedAutoencoder, scheme: str, generator: torch.Generator | None = None) -> None:
+    """``model.init``: "default" keeps PyTorch's U(+-1/sqrt(fan_in)); "glorot4" draws every weight from
+    U(+-4 sqrt(6 / (fan_in + fan_out))) with zero biases (Glorot & Bengio 2010; the factor 4 is their
+    advice for logistic units, used by the Theano tutorials of the talk's era).
+
+    Why it matters: PyTorch's bound is 7x smaller for 1128 -> 1000. On Tag Genome (relevances with a
+    per-tag sd of 0.10) each sigmoid layer then shrank the spread of its input about 7-fold (layer
+    sds 0.017, 0.0024, 0.00033), until the code was one point. Raises ValueError on an unknown scheme.
+    """
+    if scheme == "default":
+        return
+    if scheme != "glorot4":
+        raise ValueError(f"model.init: unknown scheme {scheme!r}; choose default or glorot4")
+    for lin in [*model.encoders, *model.decoders]:
+        fan_out, fan_in = lin.weight.shape
+        bound = 4.0 * (6.0 / (fan_in + fan_out)) ** 0.5
+        lin.weight.uniform_(-bound, bound, generator=generator)
+        lin.bias.zero_()
+
+
 def make_activation(name: str) -> nn.Module:
     try:
         return _ACTIVATIONS[name]()

@@ -30,12 +30,22 @@ import torch
 import torch.nn.functional as F
 
 from sae_model import checkpoint as ckpt
+from sae_model import health
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
-from sae_model.model import StackedAutoencoder
+from sae_model.model import StackedAutoencoder, init_weights
 from sae_model.neighbor_graph import GraphBatch, NeighbourGraph
 from sae_model.neighbor_loss import neighbor_loss, tsne_edge_loss, umap_ab, umap_edge_loss
-from sae_model.pretrain import autoencoder_step, corrupt, inputs_for_layer, rbm_params, rbm_step, tie_rbm_init
+from sae_model.pretrain import (
+    DecoderBiasInit,
+    autoencoder_step,
+    corrupt,
+    inputs_for_layer,
+    rbm_params,
+    rbm_step,
+    reduction_scale,
+    tie_rbm_init,
+)
 
 
 def _denormals_flushed() -> bool:
@@ -139,6 +149,8 @@ class TrainResult:
     metrics: dict[str, float]
     checkpoint_dir: str
     model: StackedAutoencoder | None = None
+    health: str = "ok"  # sae_model.health: "ok" | "unhealthy" (then the model is not registered)
+    health_findings: list[str] = field(default_factory=list)
 
 
 class Callback:
@@ -172,9 +184,11 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
     torch.manual_seed(seed)
-    return StackedAutoencoder(
+    model = StackedAutoencoder(
         list(model_cfg.layers), model_cfg.activation, model_cfg.code_activation, model_cfg.output_activation
     )
+    init_weights(model, model_cfg.init, torch.Generator().manual_seed(seed))
+    return model
 
 
 def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
@@ -322,7 +336,10 @@ class Trainer:
         lr = c.lr
         if stage.kind == "pretrain" and self.pre.method == "rbm" and stage.layer == m.depth - 1:
             lr *= self.pre.rbm_linear_lr_scale
-        return make_optimizer(params, c.optimizer, lr, c.momentum, c.weight_decay)
+        # {pretrain,finetune}.loss_reduction=sum: the step of the L2 cost summed over the reconstructed dims.
+        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
+        scale = 1.0 if rbm else reduction_scale(c.loss_reduction, m.layers[stage.layer or 0], c.optimizer)
+        return make_optimizer(params, c.optimizer, lr * scale, c.momentum, c.weight_decay / scale)
 
     def _decay_lr(self, stage: Stage, epoch: int) -> None:
         """finetune.lr_decay: this epoch's rate, a function of the epoch alone (resume-safe)."""
@@ -726,9 +743,11 @@ def train(
     model = build_model(model_cfg, train_cfg.seed)
     if init_from:
         warm_start(model, init_from)
+    checkup = health.HealthCallback()
+    inits = [DecoderBiasInit()] if pretrain_cfg.decoder_bias == "data_mean" and pretrain_cfg.method == "autoencoder" else []
     trainer = Trainer(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
-        callbacks=list(callbacks or []), fingerprint=fingerprint, rank=rank, world_size=world_size,
+        callbacks=[*inits, *(callbacks or []), checkup], fingerprint=fingerprint, rank=rank, world_size=world_size,
     )
     try:
         start = trainer.restore() if do_resume else None
@@ -747,8 +766,12 @@ def train(
     logging_on = mlflow_settings.enabled and rank == 0
     if not logging_on:
         trainer.fit(start)
+        verdict = health.end_of_run(trainer, checkup)
         metrics, _, _, _ = trainer.validation_report()
-        return TrainResult(None, None, None, metrics, str(checkpoint_dir), trainer.model)
+        return TrainResult(
+            None, None, None, metrics, str(checkpoint_dir), trainer.model, verdict.status,
+            [f.message() for f in verdict.findings],
+        )
 
     import mlflow
 
@@ -769,6 +792,8 @@ def train(
                 dict(mlflow_settings.tags, device=str(device), data_path="in-memory" if not source.streaming else "petastorm")
             )
             trainer.fit(start)
+            verdict = health.end_of_run(trainer, checkup)
+            health.log_verdict(verdict)
             metrics, codes, ids, example = trainer.validation_report()
             mlflow.log_metrics(metrics)
             labels = read_labels(items_uri, ids) if codes.shape[1] == 2 else None
@@ -776,7 +801,8 @@ def train(
             info = log_model(
                 trainer.model.cpu(),
                 name="model",
-                registered_model_name=mlflow_settings.registered_model or None,
+                # An unhealthy run keeps its logged model for inspection but is never registered.
+                registered_model_name=(mlflow_settings.registered_model or None) if verdict.ok else None,
                 input_example=example if len(example) else None,
             )
         except BaseException as exc:
@@ -787,5 +813,6 @@ def train(
     version = getattr(info, "registered_model_version", None)
     log.info("run %s: model %s (version %s), %s", run.info.run_id, info.model_uri, version, metrics)
     return TrainResult(
-        info.model_uri, run.info.run_id, None if version is None else str(version), metrics, str(checkpoint_dir), trainer.model
+        info.model_uri, run.info.run_id, None if version is None else str(version), metrics, str(checkpoint_dir), trainer.model,
+        verdict.status, [f.message() for f in verdict.findings],
     )
