@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import pipelines.ingest as ingest
 from pipelines.config import load_config
 
-SETTINGS = settings(max_examples=4, deadline=None, database=None,
+SETTINGS = settings(max_examples=3, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Text with the characters CSV writers and readers get wrong: separators, quotes, line breaks,
