@@ -156,7 +156,9 @@ def load_table(spark: SparkSession, jc) -> DataFrame:
             f'{quote(f.name)}::float8[] AS {quote(f.name)}' if f.name in decimal_arrays else quote(f.name) for f in fields
         )
         opts = {**opts, "dbtable": f"(SELECT {cols} FROM {opts['dbtable']}) AS sae_cast"}
-    decimals = [f.name for f in fields if isinstance(f.dataType, T.DecimalType)]
+    # Not the id or partition column: an integer id beyond 2**53 would lose digits as a double.
+    keep = {jc.id_column, jc.partition_column}
+    decimals = [f.name for f in fields if isinstance(f.dataType, T.DecimalType) and f.name not in keep]
     if decimals:
         opts = {**opts, "customSchema": ", ".join(f"`{c}` DOUBLE" for c in decimals)}
     return load(opts) if decimals or decimal_arrays else table

@@ -199,13 +199,17 @@ def read_state(spark: SparkSession, root: str, source: str) -> DataFrame | None:
     return state
 
 
-def loaded(state: DataFrame | None) -> tuple[dict[str, str | None], int | None]:
-    """Load keys already in the state with their files' signature, and the newest timestamp loaded."""
+def loaded(state: DataFrame | None) -> tuple[dict[str, set[str | None]], int | None]:
+    """Load keys already in the state with the files' signatures they were loaded with (one per
+    load of the key), and the newest timestamp loaded."""
     if state is None:
         return {}, None
     rows = state.filter(F.col("kind") == "load").select("load", "ts", "tag").collect()
     marks = [r["ts"] for r in rows if r["ts"] is not None]
-    return {r["load"]: r["tag"] for r in rows}, (max(marks) if marks else None)
+    done: dict[str, set[str | None]] = {}
+    for r in rows:
+        done.setdefault(r["load"], set()).add(r["tag"])
+    return done, (max(marks) if marks else None)
 
 
 def signature(files: list[str]) -> str | None:
@@ -482,7 +486,8 @@ def _new_events(spark: SparkSession, cfg, stem: str, header: tuple[str, ...], va
         loads = [(f"{loads[0][0]}@{cfg.data.since or 'all'}", loads[0][1])]
     else:
         # A partition is read again only when its files changed (a late file, or one that grew).
-        skipped = [k for k, f in loads if k in done and done[k] in (None, signature(f))]
+        # (No signature recorded: a state written before signatures were; its partitions count as loaded.)
+        skipped = [k for k, f in loads if k in done and (None in done[k] or signature(f) in done[k])]
         if skipped:
             log.info("%s: partitions already loaded, skipped: %s", stem, ", ".join(skipped))
         loads = [(k, f) for k, f in loads if k not in skipped]
