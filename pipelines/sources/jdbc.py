@@ -3,7 +3,7 @@
 ``data.jdbc.shape=wide``: one row per id, one column per feature (``feature_columns``, or every
 numeric column but the id and ``metadata_columns``). ``shape=long``: rows of (id, feature, value),
 pivoted with the feature names sorted; a missing pair is 0.0 (``fill_missing``) or quarantines the
-id. Reads are split into ``num_partitions`` range queries over ``partition_column`` when it is set.
+id. The shaping is ``pipelines.sources.shaping``'s, shared with the ``table`` source. Reads are split into ``num_partitions`` range queries over ``partition_column`` when it is set.
 
 Credentials come only from the environment variables named by ``user_env``/``password_env`` or from
 ``secrets_file`` (YAML or JSON with ``user`` and ``password``). They are handed to the JDBC reader
@@ -20,23 +20,12 @@ import re
 from pathlib import Path
 
 import yaml
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
-from pyspark.sql import functions as F
-from pyspark.sql import types as T
+from pyspark.sql import DataFrame, SparkSession
 
 from pipelines.sources import InputError, SourceResult, register
+from pipelines.sources.shaping import shaped
 
 log = logging.getLogger(__name__)
-
-BAD_ID = "null or non-integer id"
-BAD_VALUE = "null or non-numeric value"
-BAD_FEATURE = "null feature name"
-DUPLICATE_ID = "duplicate id"
-DUPLICATE_PAIR = "duplicate (id, feature)"
-INCOMPLETE = "incomplete vector"
-
-NUMERIC = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.FloatType, T.DoubleType, T.DecimalType)
 
 
 def safe_url(url: str) -> str:
@@ -137,84 +126,6 @@ def cause(exc: Exception, secret: str | None) -> str:
     return text
 
 
-# ---------------------------------------------------------------- pure transforms
-
-
-def _raw(df: DataFrame) -> F.Column:
-    return F.to_json(F.struct(*[F.col(c) for c in df.columns]))
-
-
-def wide_rows(df: DataFrame, id_col: str, features: list[str], metadata: list[str]) -> DataFrame:
-    """item_id, vec (array<double>), meta struct, raw, reason (null = used)."""
-    for c in [id_col, *features, *metadata]:
-        if c not in df.columns:
-            raise InputError(f"jdbc: column {c!r} not in the result (columns: {df.columns})")
-    item = F.expr(f"try_cast(`{id_col}` as long)")
-    vals = [F.expr(f"try_cast(`{c}` as double)") for c in features]
-    first_bad = F.lit(None).cast("string")
-    for c, v in reversed(list(zip(features, vals, strict=True))):
-        first_bad = F.when(v.isNull() | F.isnan(v), F.lit(c)).otherwise(first_bad)
-    rows = df.select(
-        item.alias("item_id"),
-        F.array(*vals).alias("vec"),
-        F.struct(*[F.col(c) for c in metadata]).alias("meta") if metadata else F.lit(None).alias("meta"),
-        _raw(df).alias("raw"),
-        first_bad.alias("bad_col"),
-    )
-    n_id = F.count("*").over(Window.partitionBy("item_id"))
-    reason = (
-        F.when(F.col("item_id").isNull(), F.lit(BAD_ID))
-        .when(F.col("bad_col").isNotNull(), F.concat(F.lit(BAD_VALUE + " in "), F.col("bad_col")))
-        .when(n_id > 1, F.lit(DUPLICATE_ID))
-    )
-    return rows.withColumn("reason", reason).drop("bad_col")
-
-
-def wide_features(df: DataFrame, jc) -> tuple[list[str], list[str]]:
-    """Feature and metadata column names of a wide table."""
-    if jc.feature_columns:
-        return list(jc.feature_columns), list(jc.metadata_columns)
-    skip = {jc.id_column, *jc.metadata_columns}
-    feats = [f.name for f in df.schema.fields if f.name not in skip and isinstance(f.dataType, NUMERIC)]
-    if not feats:
-        raise InputError(f"jdbc: {what(jc)} has no numeric column besides {jc.id_column!r}; set data.jdbc.feature_columns")
-    return feats, list(jc.metadata_columns)
-
-
-def long_rows(df: DataFrame, id_col: str, feat_col: str, value_col: str) -> DataFrame:
-    """item_id, feature, value, raw, reason (null = valid pair)."""
-    for c in (id_col, feat_col, value_col):
-        if c not in df.columns:
-            raise InputError(f"jdbc: column {c!r} not in the result (columns: {df.columns})")
-    rows = df.select(
-        F.expr(f"try_cast(`{id_col}` as long)").alias("item_id"),
-        F.col(feat_col).cast("string").alias("feature"),
-        F.expr(f"try_cast(`{value_col}` as double)").alias("value"),
-        _raw(df).alias("raw"),
-    )
-    n_pair = F.count("*").over(Window.partitionBy("item_id", "feature"))
-    reason = (
-        F.when(F.col("item_id").isNull(), F.lit(BAD_ID))
-        .when(F.col("feature").isNull(), F.lit(BAD_FEATURE))
-        .when(F.col("value").isNull() | F.isnan("value"), F.lit(BAD_VALUE))
-        .when(n_pair > 1, F.lit(DUPLICATE_PAIR))
-    )
-    return rows.withColumn("reason", reason)
-
-
-def long_vectors(rows: DataFrame, names: list[str], fill: bool) -> DataFrame:
-    """item_id, vec, complete: valid pairs pivoted in ``names`` order."""
-    dim = len(names)
-    index = rows.sparkSession.createDataFrame([(n, i) for i, n in enumerate(names)], "feature string, idx int")
-    pairs = rows.filter(F.col("reason").isNull()).join(F.broadcast(index), "feature")
-    per = pairs.groupBy("item_id").agg(
-        F.map_from_entries(F.collect_list(F.struct("idx", "value"))).alias("m"), F.count("*").alias("k")
-    )
-    vec = F.transform(F.sequence(F.lit(0), F.lit(dim - 1)), lambda i: F.coalesce(F.col("m")[i], F.lit(0.0)))
-    complete = F.lit(True) if fill else F.col("k") == dim
-    return per.select("item_id", vec.alias("vec"), complete.alias("complete"))
-
-
 # ---------------------------------------------------------------- composition
 
 
@@ -222,68 +133,13 @@ def read(spark: SparkSession, cfg) -> SourceResult:
     jc = cfg.data.jdbc
     table = load_table(spark, jc)
     log.info("jdbc: reading %s from %s (%s shape)", what(jc), safe_url(jc.url), jc.shape)
-    return wide_result(table, jc) if jc.shape == "wide" else long_result(table, jc)
-
-
-def _f32(col: str) -> F.Column:
-    return F.transform(col, lambda x: x.cast("float"))
-
-
-def wide_result(table: DataFrame, jc) -> SourceResult:
-    names, metadata = wide_features(table, jc)
-    rows = wide_rows(table, jc.id_column, names, metadata).persist(StorageLevel.MEMORY_AND_DISK)
-    good = rows.filter(F.col("reason").isNull())
-    features = good.select("item_id", _f32("vec").alias("features"))
-    items = good.select("item_id", *[F.col(f"meta.{c}").alias(c) for c in metadata])
-    quarantine = rows.filter(F.col("reason").isNotNull()).select(
-        F.lit(_origin(jc)).alias("source_file"), "raw", "reason"
-    )
-    return SourceResult(
-        features=features,
-        items=items,
-        quarantine=quarantine,
-        feature_names=names,
-        input_files=[_origin(jc)],
-        rows_in=rows.count,
-        rows_used=None,
-        extra={"jdbc": {"url": safe_url(jc.url), "source": what(jc), "shape": "wide"}},
-        cleanup=rows.unpersist,
-    )
-
-
-def long_result(table: DataFrame, jc) -> SourceResult:
-    rows = long_rows(table, jc.id_column, jc.feature_column, jc.value_column).persist(StorageLevel.MEMORY_AND_DISK)
-    names = [
-        r["feature"]
-        for r in rows.filter(F.col("reason").isNull()).select("feature").distinct().orderBy("feature").collect()
-    ]
-    if not names:
-        rows.unpersist()
-        raise InputError(f"jdbc: {what(jc)} from {safe_url(jc.url)} has no valid (id, feature, value) row")
-    vecs = long_vectors(rows, names, jc.fill_missing).persist(StorageLevel.MEMORY_AND_DISK)
-    features = vecs.filter("complete").select("item_id", _f32("vec").alias("features"))
-    incomplete = vecs.filter(~F.col("complete")).select("item_id", F.lit(True).alias("_inc"))
-    flagged = rows.join(incomplete, "item_id", "left").withColumn(
-        "reason", F.coalesce(F.col("reason"), F.when(F.col("_inc"), F.lit(INCOMPLETE)))
-    )
-    quarantine = flagged.filter(F.col("reason").isNotNull()).select(
-        F.lit(_origin(jc)).alias("source_file"), "raw", "reason"
-    )
-
-    def cleanup() -> None:
-        vecs.unpersist()
-        rows.unpersist()
-
-    return SourceResult(
-        features=features,
-        items=features.select("item_id"),
-        quarantine=quarantine,
-        feature_names=names,
-        input_files=[_origin(jc)],
-        rows_in=rows.count,
-        rows_used=lambda: flagged.filter(F.col("reason").isNull()).count(),
-        extra={"jdbc": {"url": safe_url(jc.url), "source": what(jc), "shape": "long"}},
-        cleanup=cleanup,
+    return shaped(
+        table,
+        jc,
+        source="jdbc",
+        origin=_origin(jc),
+        what=f"{what(jc)} from {safe_url(jc.url)}",
+        extra={"jdbc": {"url": safe_url(jc.url), "source": what(jc), "shape": jc.shape}},
     )
 
 
