@@ -3,7 +3,8 @@
 ``data.jdbc.shape=wide``: one row per id, one column per feature (``feature_columns``, or every
 numeric column but the id and ``metadata_columns``). ``shape=long``: rows of (id, feature, value),
 pivoted with the feature names sorted; a missing pair is 0.0 (``fill_missing``) or quarantines the
-id. The shaping is ``pipelines.sources.shaping``'s, shared with the ``table`` source. Reads are split into ``num_partitions`` range queries over ``partition_column`` when it is set.
+id. The shaping is ``pipelines.sources.shaping``'s, shared with the ``table`` source. Reads are
+split into ``num_partitions`` range queries over ``partition_column`` when it is set.
 
 Credentials come only from the environment variables named by ``user_env``/``password_env`` or from
 ``secrets_file`` (YAML or JSON with ``user`` and ``password``). They are handed to the JDBC reader
