@@ -37,7 +37,7 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
-SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc")
+SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table")
 
 
 class ConfigError(ValueError):
@@ -138,6 +138,60 @@ class JdbcConfig:
             )
 
 
+@dataclass(frozen=True)
+class TextConfig:
+    """data.text.*: documents or log lines (source=text) -> bag-of-words vectors, with Spark ML's
+    RegexTokenizer, StopWordsRemover, CountVectorizer and IDF."""
+
+    # folders: data.input is a folder tree (or a .tar/.tar.gz of one) whose file's folder name is its
+    # label (the 20news-bydate layout); table: a table with id, text and optional label columns;
+    # auto: folders for a directory or an archive, table otherwise.
+    layout: Literal["auto", "folders", "table"] = "auto"
+    # table layout: how to read data.input (parquet | csv | orc | json | catalog; "" = by the extension);
+    # reader options (header, sep, quote, encoding, ...) come from data.options.
+    format: str = ""
+    id_column: str = "id"
+    text_column: str = "text"
+    label_column: str = ""  # "" = no label
+    # folders layout: how file bytes are decoded (Python codec name: utf-8, latin-1, cp1252, ...).
+    encoding: str = "utf-8"
+    # A document with bytes invalid in its encoding: replace them with U+FFFD and use it, or quarantine it.
+    # Either way the manifest counts them (text.encoding_errors).
+    on_encoding_error: Literal["replace", "quarantine"] = "replace"
+    # Mail/news cleaning: drop the header block (up to the first blank line), quoted replies
+    # (lines starting with > or |, "... writes:" lines) and the signature (after the last "--" line).
+    strip_headers: bool = False
+    strip_quotes: bool = False
+    strip_signatures: bool = False
+    # RegexTokenizer: tokens are the matches of this Java regex, lower-cased, at least this long.
+    token_pattern: str = "\\p{L}+"
+    min_token_length: int = 2
+    stop_words: Literal["english", "none"] = "english"
+    # CountVectorizer: the vocab_size most frequent words in at least min_df documents (>= 1: a count,
+    # < 1: a share of the documents).
+    vocab_size: int = 2000
+    min_df: float = 2.0
+    # counts | binary (word present) | log1p (log(1 + count), Hinton 2006's document input) | tfidf (IDF stage).
+    weighting: Literal["counts", "binary", "log1p", "tfidf"] = "counts"
+    # Fit the vocabulary and IDF on the documents of this split only (folders: the top folder, e.g.
+    # 20news-bydate-train), so held-out documents do not choose the words. "" = every document.
+    vocab_split: str = ""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"data.text.vocab_size: must be >= 1, got {self.vocab_size}")
+        if self.min_df <= 0:
+            raise ValueError(f"data.text.min_df: must be > 0, got {self.min_df}")
+        if self.min_token_length < 1:
+            raise ValueError(f"data.text.min_token_length: must be >= 1, got {self.min_token_length}")
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"data.text.encoding: unknown encoding {self.encoding!r}") from None
+
+
 def _check_date(value: str, key: str) -> None:
     import datetime as _dt
 
@@ -150,7 +204,9 @@ def _check_date(value: str, key: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc"] = "mnist"
+    source: Literal[
+        "tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table"
+    ] = "mnist"
     # A directory or a file; relative paths are resolved against the working directory.
     input: str = "data/mnist"
     # Cap on items read (0 = all); handy for smoke runs on real downloads.
@@ -160,6 +216,7 @@ class DataConfig:
     logs: LogsConfig = field(default_factory=LogsConfig)
     ratings: RatingsConfig = field(default_factory=RatingsConfig)
     jdbc: JdbcConfig = field(default_factory=JdbcConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     # Log sources: read only records from this date (UTC) on, or date=... partitions from it on.
     since: str = ""
 
