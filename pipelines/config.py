@@ -192,6 +192,44 @@ class TextConfig:
             raise ValueError(f"data.text.encoding: unknown encoding {self.encoding!r}") from None
 
 
+@dataclass(frozen=True)
+class TableConfig:
+    """data.table.*: any Spark-readable table (source=table) in the wide, long or array shape, shaped
+    by the code the JDBC source uses. Reader options (CSV header, sep, quote, escape, encoding, ...)
+    come from data.options."""
+
+    # parquet | csv | orc | json (JSON lines) | catalog (data.input is a table name); "" = by the extension.
+    format: str = ""
+    # wide: id_column + one column per feature; long: rows of (id_column, feature_column, value_column);
+    # array: id_column + one array column (array_column).
+    shape: Literal["wide", "long", "array"] = "wide"
+    id_column: str = "id"
+    # auto: an integer id column is the item id, any other is mapped to a stable long (xxhash64) with
+    # the original kept in items/ as source_id; long: ids must be integers; string: always mapped.
+    id_type: Literal["auto", "long", "string"] = "auto"
+    feature_columns: list[str] = field(default_factory=list)  # wide; empty = every numeric column but id/metadata/label
+    metadata_columns: list[str] = field(default_factory=list)  # copied to items/
+    # Copied to items/ as `label`, the column evaluation and the maps colour by ("" = none).
+    label_column: str = ""
+    feature_column: str = "feature"
+    value_column: str = "value"
+    array_column: str = "features"
+    # long shape: an (id, feature) pair with no row is 0.0 (true) or quarantines the id (false).
+    fill_missing: bool = True
+    # A folder of KEY=VALUE/ partitions (date=2024-01-31/): read only partitions not loaded before and
+    # merge them into the published tables (a later partition's row replaces an id's earlier one).
+    # false = rebuild from every partition.
+    incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in ("", "parquet", "csv", "orc", "json", "catalog"):
+            raise ValueError(
+                f"data.table.format: must be one of parquet, csv, orc, json, catalog (or empty), got {self.format!r}"
+            )
+        if not self.id_column:
+            raise ValueError("data.table.id_column: must be set")
+
+
 def _check_date(value: str, key: str) -> None:
     import datetime as _dt
 
@@ -217,6 +255,7 @@ class DataConfig:
     ratings: RatingsConfig = field(default_factory=RatingsConfig)
     jdbc: JdbcConfig = field(default_factory=JdbcConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    table: TableConfig = field(default_factory=TableConfig)
     # Log sources: read only records from this date (UTC) on, or date=... partitions from it on.
     since: str = ""
 

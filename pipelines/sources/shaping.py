@@ -104,11 +104,14 @@ def array_width(rows: DataFrame) -> int | None:
     return None if top is None else int(top["w"])
 
 
-def wide_features(df: DataFrame, sc, source: str = "jdbc", what: str = "the table") -> tuple[list[str], list[str]]:
-    """Feature and metadata column names of a wide table."""
+def wide_features(
+    df: DataFrame, sc, source: str = "jdbc", what: str = "the table", skip: list[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Feature and metadata column names of a wide table; inferred features leave out the id, the
+    metadata columns and ``skip``."""
     if sc.feature_columns:
         return list(sc.feature_columns), list(sc.metadata_columns)
-    skip = {sc.id_column, *sc.metadata_columns}
+    skip = {sc.id_column, *sc.metadata_columns, *skip}
     feats = [f.name for f in df.schema.fields if f.name not in skip and isinstance(f.dataType, NUMERIC)]
     if not feats:
         raise InputError(
@@ -183,7 +186,7 @@ def shaped(
         )
         names = [f"{sc.array_column}[{i}]" for i in range(width)]
     else:
-        names = wide_features(table, sc, source, what)[0]
+        names = wide_features(table, sc, source, what, skip=metadata)[0]
         rows = wide_rows(table, sc.id_column, names, metadata, source).persist(StorageLevel.MEMORY_AND_DISK)
     good = rows.filter(F.col("reason").isNull())
     quarantine = rows.filter(F.col("reason").isNotNull()).select(F.lit(origin).alias("source_file"), "raw", "reason")
