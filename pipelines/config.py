@@ -37,7 +37,7 @@ def conf_dir() -> Path:
 
 
 CONF_DIR = conf_dir()
-SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table")
+SOURCES = ("tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table", "events")
 
 
 class ConfigError(ValueError):
@@ -230,6 +230,42 @@ class TableConfig:
             raise ValueError("data.table.id_column: must be set")
 
 
+@dataclass(frozen=True)
+class EventsConfig:
+    """data.events.*: a generic event log (source=events) -> one vector per entity over its tokens.
+    The file is read like data.source=table (data.events.format, reader options such as sep, quote
+    and encoding in data.options)."""
+
+    format: str = ""  # parquet | csv | orc | json | catalog; "" = by the extension
+    # Column names for a CSV without a header line, in order ([] = the file's header names them).
+    columns: list[str] = field(default_factory=list)
+    entity_column: str = "entity"
+    token_column: str = "token"
+    weight_column: str = ""  # "" = each event weighs 1
+    timestamp_column: str = ""  # "" = none; set: an unparseable timestamp quarantines the event
+    # An event's identity: this column, or ("") all of entity, token, weight and timestamp. A repeated
+    # identity within a load, or one loaded before, is a duplicate.
+    event_id_column: str = ""
+    # counts = summed weights; binary = 1 where any; tfidf = weight share x smoothed idf;
+    # bm25 = Okapi BM25 term weight (k1, b); mean_centred = weight minus the entity's mean weight.
+    weighting: Literal["counts", "binary", "tfidf", "bm25", "mean_centred"] = "counts"
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+    # Vocabulary: the top_k tokens by events, among those with at least min_support events.
+    top_k: int = 1000
+    min_support: int = 1
+    # Merge new events into paths.root/events_state (false = rebuild from the input alone).
+    incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"data.events.top_k: must be >= 1, got {self.top_k}")
+        if self.min_support < 1:
+            raise ValueError(f"data.events.min_support: must be >= 1, got {self.min_support}")
+        if self.bm25_k1 < 0 or not 0 <= self.bm25_b <= 1:
+            raise ValueError("data.events.bm25_k1 must be >= 0 and data.events.bm25_b in [0, 1]")
+
+
 def _check_date(value: str, key: str) -> None:
     import datetime as _dt
 
@@ -243,7 +279,7 @@ def _check_date(value: str, key: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal[
-        "tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table"
+        "tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table", "events"
     ] = "mnist"
     # A directory or a file; relative paths are resolved against the working directory.
     input: str = "data/mnist"
@@ -256,6 +292,7 @@ class DataConfig:
     jdbc: JdbcConfig = field(default_factory=JdbcConfig)
     text: TextConfig = field(default_factory=TextConfig)
     table: TableConfig = field(default_factory=TableConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     # Log sources: read only records from this date (UTC) on, or date=... partitions from it on.
     since: str = ""
 

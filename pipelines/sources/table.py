@@ -139,7 +139,8 @@ def check(cfg) -> None:
         raise InputError("data.input: the catalog table's name is empty")
 
 
-def _exists(spark: SparkSession, path: str) -> bool:
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """Whether ``path`` exists, on the local disk or any Hadoop filesystem."""
     if is_local(path):
         return Path(local_path(path)).exists()
     hpath = spark._jvm.org.apache.hadoop.fs.Path(path)
@@ -159,22 +160,24 @@ def _read_text(spark: SparkSession, path: str) -> str:
         stream.close()
 
 
+def current_path(root: str, name: str) -> str:
+    """Where table ``name`` under ``root`` is now: the version directory its link points at. Read
+    that, not the link: the publication swaps the link, and Spark caches a path's file listing."""
+    p = table_path(root, name)
+    return os.path.realpath(p) if is_local(root) else p
+
+
 def _published(spark: SparkSession, root: str) -> tuple[DataFrame, DataFrame, DataFrame, list[str]] | None:
     """The features, items and loads of the last incremental load under ``root``, and its
     feature names; None when there is none."""
     loads_path = table_path(root, LOADS_TABLE)
-    if not _exists(spark, loads_path):
+    if not path_exists(spark, loads_path):
         return None
-
-    def path(name: str) -> str:
-        # Read the version the link points at now: the publication swaps the link while we read.
-        p = table_path(root, name)
-        return os.path.realpath(p) if is_local(root) else p
 
     names = json.loads(_read_text(spark, f"{table_path(root, 'features')}/_manifest.json"))["feature_names"]
     return (
-        spark.read.parquet(path("features")), spark.read.parquet(path("items")),
-        spark.read.schema(LOADS).parquet(path(LOADS_TABLE)), names,
+        spark.read.parquet(current_path(root, "features")), spark.read.parquet(current_path(root, "items")),
+        spark.read.schema(LOADS).parquet(current_path(root, LOADS_TABLE)), names,
     )
 
 
