@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from pyspark.sql import functions as F
 
 from pipelines.config import load_config
 from pipelines.ingest import check_inputs, run_ingest
+from pipelines.sources import events
+from pipelines.sources.shaping import long_vectors
 
 LOG = [
     "u1;café;1;100",
@@ -75,11 +78,23 @@ def test_counts_contract_and_late_events(spark, tmp_path):
     assert vectors(root) == {"u1": [1.0, 2.0], "u2": [1.0, 1.0], "u3": [1.0, 0.0]}
 
 
+def weighted_vectors(spark, tmp_path, weighting: str) -> dict[str, list[float]]:
+    """The pure transforms on LOG, without publishing: parse -> pairs -> vocabulary -> weights -> pivot."""
+    cfg = cfg_for(tmp_path, tmp_path / "unused.csv", f"data.events.weighting={weighting}")
+    rows = [tuple(line.split(";")) + ("l", "f") for line in LOG]
+    table = spark.createDataFrame(rows, "user string, tag string, weight string, ts string, _load string, _file string")
+    good = events.parse(table, cfg.data.events).filter("reason is null")
+    pairs = events.merge_pairs(None, good)
+    vocab = events.vocabulary(pairs, 10, 2)
+    assert [t for t, _, _ in vocab] == ["café", "jazz"]
+    w = events.weighted(pairs, vocab, cfg.data.events).withColumn("reason", F.lit(None).cast("string"))
+    vecs = long_vectors(w.withColumn("meta", F.struct("source_id")), ["café", "jazz"], fill=True)
+    return {r["meta"]["source_id"]: r["vec"] for r in vecs.collect()}
+
+
 @pytest.mark.parametrize("weighting", ["tfidf", "bm25", "binary", "mean_centred"])
 def test_weightings(spark, tmp_path, weighting):
-    path = write_log(tmp_path / "events.csv", LOG)
-    m = run_ingest(spark, cfg_for(tmp_path, path, f"data.events.weighting={weighting}", "data.events.incremental=false"))
-    got = vectors(tmp_path / "out")
+    got = weighted_vectors(spark, tmp_path, weighting)
     # N = 4 entities with a valid event (u1..u4); café and jazz are each in 2. Vocabulary totals
     # (len): u1 3, u2 1, u3 1; mean 5/3.
     if weighting == "tfidf":
@@ -99,4 +114,3 @@ def test_weightings(spark, tmp_path, weighting):
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
-    assert m["rows_in"] == m["rows_used"] + m["rows_quarantined"]

@@ -181,3 +181,19 @@ def test_real_news_posts_end_to_end(spark, tmp_path):
     assert len({r["label"] for r in items}) == 20  # the sample spreads over the groups
     assert {r["split"] for r in items} == {"20news-bydate-train", "20news-bydate-test"}
     assert all(r["title"] for r in items[:20])
+
+
+def test_config_keys_and_news20_preset():
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.text.min_df"):
+        load_config(None, ["data.text.min_df=0"])
+    with pytest.raises(ConfigError, match="data.text.encoding"):
+        load_config(None, ["data.text.encoding=klingon"])
+    with pytest.raises(ConfigError, match="data.table.format"):
+        load_config(None, ["data.table.format=xls"])
+    with pytest.raises(ConfigError, match="data.events.top_k"):
+        load_config(None, ["data.events.top_k=0"])
+    cfg = load_config(preset="news20")
+    assert (cfg.data.source, cfg.model.layers, cfg.data.text.vocab_size) == ("text", [2000, 500, 250, 125, 2], 2000)
+    assert cfg.data.text.weighting == "log1p" and cfg.data.text.vocab_split == "20news-bydate-train"
