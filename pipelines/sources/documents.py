@@ -192,12 +192,7 @@ SIGNATURE = r"(?s)^(.*)\n[ \t]*-{2,}[ \t]*(?:\n.*)?$"
 def strip_header(text: Column) -> Column:
     """The body after the first blank line; "" when there is none (scikit-learn's rule)."""
     at = F.instr(text, HEADER_END)
-    return F.when(at > 0, F.expr(f"substring({_sql(text)}, {_sql(at)} + 2)")).otherwise(F.lit(""))
-
-
-def _sql(c: Column) -> str:
-    # Column -> SQL text for F.expr (substring with a column position has no DataFrame function).
-    return c._jc.toString()
+    return F.when(at > 0, F.substr(text, at + F.lit(2))).otherwise(F.lit(""))
 
 
 def subject(text: Column) -> Column:
