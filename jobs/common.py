@@ -33,6 +33,10 @@ config keys (set in YAML or as dotted key=value overrides):
   data.input         a directory or file (e.g. data/mnist, /data/ml-25m)
   data.limit         read at most this many items (0 = all)
   data.synthetic.*   items, tags, genres, seed, defect_rate (source=synthetic)
+  data.table.*       format, shape (wide|long|array), id_column, id_type, feature_columns, label_column, ... (source=table)
+  data.events.*      entity_column, token_column, weight_column, weighting, top_k, min_support, ... (source=events)
+  data.text.*        layout, strip_headers, vocab_size, min_df, weighting, encoding, ... (source=text)
+  data.options       reader options for table/events/text inputs (header, sep, quote, encoding, ...)
   paths.root         where every output of the pipeline goes (features/, items/, ...)
   spark.master       local[*], spark://HOST:PORT, yarn, k8s://...
   model.layers       e.g. [1128,1000,500,250,2]

@@ -38,7 +38,7 @@ def conf_dir() -> Path:
 
 CONF_DIR = conf_dir()
 # The names of data.source; pipelines.sources registers one reader under each (tests check both agree).
-SourceName = Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc"]
+SourceName = Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movielens_ratings", "jdbc", "text", "table", "events"]
 SOURCES: tuple[str, ...] = typing.get_args(SourceName)
 
 
@@ -140,6 +140,134 @@ class JdbcConfig:
             )
 
 
+@dataclass(frozen=True)
+class TextConfig:
+    """data.text.*: documents or log lines (source=text) -> bag-of-words vectors, with Spark ML's
+    RegexTokenizer, StopWordsRemover, CountVectorizer and IDF."""
+
+    # folders: data.input is a folder tree (or a .tar/.tar.gz of one) whose file's folder name is its
+    # label (the 20news-bydate layout); table: a table with id, text and optional label columns;
+    # auto: folders for a directory or an archive, table otherwise.
+    layout: Literal["auto", "folders", "table"] = "auto"
+    # table layout: how to read data.input (parquet | csv | orc | json | catalog; "" = by the extension);
+    # reader options (header, sep, quote, encoding, ...) come from data.options.
+    format: str = ""
+    id_column: str = "id"
+    text_column: str = "text"
+    label_column: str = ""  # "" = no label
+    # folders layout: how file bytes are decoded (Python codec name: utf-8, latin-1, cp1252, ...).
+    encoding: str = "utf-8"
+    # A document with bytes invalid in its encoding: replace them with U+FFFD and use it, or quarantine it.
+    # Either way the manifest counts them (text.encoding_errors).
+    on_encoding_error: Literal["replace", "quarantine"] = "replace"
+    # Mail/news cleaning: drop the header block (up to the first blank line), quoted replies
+    # (lines starting with > or |, "... writes:" lines) and the signature (after the last "--" line).
+    strip_headers: bool = False
+    strip_quotes: bool = False
+    strip_signatures: bool = False
+    # RegexTokenizer: tokens are the matches of this Java regex, lower-cased, at least this long.
+    token_pattern: str = "\\p{L}+"
+    min_token_length: int = 2
+    stop_words: Literal["english", "none"] = "english"
+    # CountVectorizer: the vocab_size most frequent words in at least min_df documents (>= 1: a count,
+    # < 1: a share of the documents).
+    vocab_size: int = 2000
+    min_df: float = 2.0
+    # counts | binary (word present) | log1p (log(1 + count), Hinton 2006's document input) | tfidf (IDF stage).
+    weighting: Literal["counts", "binary", "log1p", "tfidf"] = "counts"
+    # Fit the vocabulary and IDF on the documents of this split only (folders: the top folder, e.g.
+    # 20news-bydate-train), so held-out documents do not choose the words. "" = every document.
+    vocab_split: str = ""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"data.text.vocab_size: must be >= 1, got {self.vocab_size}")
+        if self.min_df <= 0:
+            raise ValueError(f"data.text.min_df: must be > 0, got {self.min_df}")
+        if self.min_token_length < 1:
+            raise ValueError(f"data.text.min_token_length: must be >= 1, got {self.min_token_length}")
+        import codecs
+
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"data.text.encoding: unknown encoding {self.encoding!r}") from None
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """data.table.*: any Spark-readable table (source=table) in the wide, long or array shape, shaped
+    by the code the JDBC source uses. Reader options (CSV header, sep, quote, escape, encoding, ...)
+    come from data.options."""
+
+    # parquet | csv | orc | json (JSON lines) | catalog (data.input is a table name); "" = by the extension.
+    format: str = ""
+    # wide: id_column + one column per feature; long: rows of (id_column, feature_column, value_column);
+    # array: id_column + one array column (array_column).
+    shape: Literal["wide", "long", "array"] = "wide"
+    id_column: str = "id"
+    # auto: an integer id column is the item id, any other is mapped to a stable long (xxhash64) with
+    # the original kept in items/ as source_id; long: ids must be integers; string: always mapped.
+    id_type: Literal["auto", "long", "string"] = "auto"
+    feature_columns: list[str] = field(default_factory=list)  # wide; empty = every numeric column but id/metadata/label
+    metadata_columns: list[str] = field(default_factory=list)  # copied to items/
+    # Copied to items/ as `label`, the column evaluation and the maps colour by ("" = none).
+    label_column: str = ""
+    feature_column: str = "feature"
+    value_column: str = "value"
+    array_column: str = "features"
+    # long shape: an (id, feature) pair with no row is 0.0 (true) or quarantines the id (false).
+    fill_missing: bool = True
+    # A folder of KEY=VALUE/ partitions (date=2024-01-31/): read only partitions not loaded before and
+    # merge them into the published tables (a later partition's row replaces an id's earlier one).
+    # false = rebuild from every partition.
+    incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in ("", "parquet", "csv", "orc", "json", "catalog"):
+            raise ValueError(
+                f"data.table.format: must be one of parquet, csv, orc, json, catalog (or empty), got {self.format!r}"
+            )
+        if not self.id_column:
+            raise ValueError("data.table.id_column: must be set")
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """data.events.*: a generic event log (source=events) -> one vector per entity over its tokens.
+    The file is read like data.source=table (data.events.format, reader options such as sep, quote
+    and encoding in data.options)."""
+
+    format: str = ""  # parquet | csv | orc | json | catalog; "" = by the extension
+    # Column names for a CSV without a header line, in order ([] = the file's header names them).
+    columns: list[str] = field(default_factory=list)
+    entity_column: str = "entity"
+    token_column: str = "token"
+    weight_column: str = ""  # "" = each event weighs 1
+    timestamp_column: str = ""  # "" = none; set: an unparseable timestamp quarantines the event
+    # An event's identity: this column, or ("") all of entity, token, weight and timestamp. A repeated
+    # identity within a load, or one loaded before, is a duplicate.
+    event_id_column: str = ""
+    # counts = summed weights; binary = 1 where any; tfidf = weight share x smoothed idf;
+    # bm25 = Okapi BM25 term weight (k1, b); mean_centred = weight minus the entity's mean weight.
+    weighting: Literal["counts", "binary", "tfidf", "bm25", "mean_centred"] = "counts"
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+    # Vocabulary: the top_k tokens by events, among those with at least min_support events.
+    top_k: int = 1000
+    min_support: int = 1
+    # Merge new events into paths.root/events_state (false = rebuild from the input alone).
+    incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"data.events.top_k: must be >= 1, got {self.top_k}")
+        if self.min_support < 1:
+            raise ValueError(f"data.events.min_support: must be >= 1, got {self.min_support}")
+        if self.bm25_k1 < 0 or not 0 <= self.bm25_b <= 1:
+            raise ValueError("data.events.bm25_k1 must be >= 0 and data.events.bm25_b in [0, 1]")
+
+
 def _check_date(value: str, key: str) -> None:
     import datetime as _dt
 
@@ -162,6 +290,9 @@ class DataConfig:
     logs: LogsConfig = field(default_factory=LogsConfig)
     ratings: RatingsConfig = field(default_factory=RatingsConfig)
     jdbc: JdbcConfig = field(default_factory=JdbcConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     # Log sources: read only records from this date (UTC) on, or date=... partitions from it on.
     since: str = ""
 
