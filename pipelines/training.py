@@ -79,7 +79,7 @@ def train_from_config(
     ``pipelines.distributed.DistributedTrainingError`` pass through.
     """
     from sae_model.distributed import result_summary
-    from sae_model.trainer import TrainingError, train
+    from sae_model.trainer import TrainingError, TrainRequest, fit
 
     dist_cfg = cfg.train.distributed
     if dist_cfg.num_processes > 1 and spark is None:
@@ -87,7 +87,7 @@ def train_from_config(
             f"train.distributed.num_processes={dist_cfg.num_processes}: distributed training needs a "
             "SparkSession, and none was passed in"
         )
-    kwargs = dict(
+    request = TrainRequest(
         model_cfg=cfg.model,
         pretrain_cfg=replace(cfg.pretrain, epochs=0) if init_from else cfg.pretrain,
         finetune_cfg=cfg.finetune,
@@ -105,9 +105,9 @@ def train_from_config(
         if dist_cfg.num_processes > 1:
             from pipelines.distributed import run_distributed
 
-            out = run_distributed(spark, dist_cfg, kwargs)
+            out = run_distributed(spark, dist_cfg, request)
         else:
-            out = result_summary(train(**kwargs))
+            out = result_summary(fit(request))
     except TrainingError as exc:
         raise ConfigError(str(exc)) from exc
     out["train_seconds"] = time.perf_counter() - started

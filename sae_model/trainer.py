@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -78,10 +77,6 @@ def eta_seconds(
 
 log = logging.getLogger(__name__)
 
-# Test hook: the process exits (as if killed) right after writing this many checkpoints.
-EXIT_AFTER_ENV = "SAE_TEST_EXIT_AFTER_EPOCHS"
-# Test hook: the rank with this number raises at the start of training (a rank that dies).
-FAIL_RANK_ENV = "SAE_TEST_FAIL_RANK"
 
 
 class TrainingError(ValueError):
@@ -142,9 +137,15 @@ class TrainResult:
 
 
 class Callback:
-    """Hooks the trainer calls; all optional."""
+    """Hooks the trainer calls; all optional. Callbacks travel to the ranks of distributed training
+    with the ``TrainRequest``, so they must pickle."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
 
     def on_stage_start(self, trainer: Trainer, stage: Stage) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, stage: Stage, epoch: int, finished: bool) -> None:
+        """After rank 0 wrote the checkpoint of ``epoch`` of ``stage`` (``finished``: the last one)."""
 
     def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None: ...
 
@@ -277,8 +278,6 @@ class Trainer:
         self.run_id: str | None = None
         self.step = 0  # epochs completed over all stages
         self.optimizer: torch.optim.Optimizer | None = None
-        self._exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
-        self._saved_here = 0
         self._val_rows = -1
         self.progress = train_cfg.progress and sys.stderr.isatty()
         self.amp = train_cfg.mixed_precision and device.type == "cuda"
@@ -358,11 +357,8 @@ class Trainer:
             "spec": self.model.spec(),
         }
         ckpt.save_checkpoint(self.checkpoint_dir, self._state(), meta)
-        self._saved_here += 1
-        if self._exit_after and self._saved_here >= self._exit_after and not finished:
-            log.warning("%s=%d: exiting now as if killed", EXIT_AFTER_ENV, self._exit_after)
-            logging.shutdown()
-            os._exit(17)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, stage, epoch, finished)
 
     def restore(self) -> tuple[int, int] | None:
         """Load the last checkpoint; returns ``(stage_index, next_epoch)`` to continue from, or None."""
@@ -570,8 +566,8 @@ class Trainer:
         stages = self.stages()
         si0, ep0 = start or (0, 0)
         spent: dict[int, tuple[float, int]] = {}  # stage index -> (seconds, epochs) in this process
-        if os.environ.get(FAIL_RANK_ENV, "") == str(self.rank):
-            raise RuntimeError(f"{FAIL_RANK_ENV}={self.rank}: rank {self.rank} fails on purpose (test hook)")
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         self.broadcast_weights()
         for stage in stages[si0:]:
             first = ep0 if stage.index == si0 else 0
@@ -671,6 +667,25 @@ def warm_start(model: StackedAutoencoder, init_from: str) -> None:
     log.info("warm start: weights from %s", init_from)
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run, as a job composes it from the root config (``pipelines.training``); what
+    ``fit`` runs and what distributed training hands every rank (so every field must pickle)."""
+
+    model_cfg: ModelConfig
+    pretrain_cfg: PretrainConfig
+    finetune_cfg: FinetuneConfig
+    train_cfg: TrainConfig
+    features_uri: str
+    items_uri: str | None
+    mlflow_settings: MlflowSettings
+    checkpoint_dir: str | Path
+    resume: bool = False
+    fingerprint: str = ""  # which checkpoints this run may resume (e.g. the config hash)
+    callbacks: tuple[Callback, ...] = ()
+    init_from: str | None = None  # warm start: a model URI or saved-model directory
+
+
 def train(
     model_cfg: ModelConfig,
     pretrain_cfg: PretrainConfig,
@@ -687,7 +702,16 @@ def train(
     world_size: int = 1,
     init_from: str | None = None,
 ) -> TrainResult:
-    """Train on ``features_uri``, log the run to MLflow and register the model.
+    """``fit`` of the ``TrainRequest`` these arguments make (a convenience for scripts and tests)."""
+    request = TrainRequest(
+        model_cfg, pretrain_cfg, finetune_cfg, train_cfg, features_uri, items_uri, mlflow_settings, checkpoint_dir,
+        resume=resume, fingerprint=fingerprint, callbacks=tuple(callbacks or ()), init_from=init_from,
+    )
+    return fit(request, rank=rank, world_size=world_size)
+
+
+def fit(request: TrainRequest, rank: int = 0, world_size: int = 1) -> TrainResult:
+    """Train on ``request.features_uri``, log the run to MLflow and register the model.
 
     ``world_size > 1``: call it on every rank of an initialised process group (``sae_model.distributed``);
     only rank 0 logs to MLflow and checkpoints, and only rank 0's result names the model.
@@ -699,11 +723,15 @@ def train(
     with ``train.auto_resume`` an unfinished checkpoint of the same ``fingerprint`` is continued too.
     A finished checkpoint is never resumed: the run starts afresh.
     """
+    r = request
+    model_cfg, pretrain_cfg, finetune_cfg, train_cfg = r.model_cfg, r.pretrain_cfg, r.finetune_cfg, r.train_cfg
+    features_uri, items_uri, mlflow_settings = r.features_uri, r.items_uri, r.mlflow_settings
+    resume, fingerprint, init_from = r.resume, r.fingerprint, r.init_from
     check_settings(model_cfg, pretrain_cfg, finetune_cfg)
     device = resolve_device(train_cfg.device)
     if train_cfg.threads > 0:
         torch.set_num_threads(train_cfg.threads)
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = Path(r.checkpoint_dir)
     meta = ckpt.load_meta(checkpoint_dir)
     if resume and meta is None:
         raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
@@ -728,7 +756,7 @@ def train(
         warm_start(model, init_from)
     trainer = Trainer(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
-        callbacks=list(callbacks or []), fingerprint=fingerprint, rank=rank, world_size=world_size,
+        callbacks=list(r.callbacks), fingerprint=fingerprint, rank=rank, world_size=world_size,
     )
     start = trainer.restore() if do_resume else None
     if start is not None:
