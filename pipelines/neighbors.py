@@ -30,6 +30,7 @@ from pyspark.sql import types as T
 
 from pipelines.schemas import NEIGHBORS
 from pipelines.scoring import list_column, matrix
+from sae_model.knn import topk
 
 log = logging.getLogger(__name__)
 
@@ -61,40 +62,6 @@ def prepare(x: np.ndarray, metric: str) -> np.ndarray:
 def to_metric(d: np.ndarray | float, metric: str) -> np.ndarray | float:
     """Euclidean distance of prepared vectors -> the reported distance."""
     return d * d / 2.0 if metric == "cosine" else d
-
-
-def topk(
-    q_ids: np.ndarray, q: np.ndarray, c_ids: np.ndarray, c: np.ndarray, k: int, margin: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest of each query among ``c`` (itself excluded by id), ordered by (distance, id).
-
-    Candidates come from the fast ``|q|²+|c|²-2q·c`` form; their distances are then recomputed
-    directly, so the reported figures do not depend on BLAS blocking. Returns ``(ids, dists)`` of
-    shape ``(m, k)``, padded with -1 / inf where there are fewer than k others.
-    """
-    m, n = len(q_ids), len(c_ids)
-    out_ids = np.full((m, k), -1, dtype=np.int64)
-    out_d = np.full((m, k), np.inf)
-    if m == 0 or n == 0:
-        return out_ids, out_d
-    kk = min(n, k + 1 + margin)
-    c_sq = (c * c).sum(1)
-    step = max(1, int(2e7 // max(n, 1)))
-    for s in range(0, m, step):
-        qb, qi = q[s : s + step], q_ids[s : s + step]
-        d2 = (qb * qb).sum(1)[:, None] + c_sq[None, :] - 2.0 * (qb @ c.T)
-        d2[qi[:, None] == c_ids[None, :]] = np.inf
-        idx = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < n else np.broadcast_to(np.arange(n), (len(qb), n))
-        cand_ids = c_ids[idx]
-        d = np.sqrt(((qb[:, None, :] - c[idx]) ** 2).sum(-1))
-        d[cand_ids == qi[:, None]] = np.inf
-        order = np.lexsort((cand_ids, d), axis=-1)[:, :k]
-        ids = np.take_along_axis(cand_ids, order, 1)
-        dd = np.take_along_axis(d, order, 1)
-        ids[~np.isfinite(dd)] = -1
-        w = ids.shape[1]
-        out_ids[s : s + step, :w], out_d[s : s + step, :w] = ids, dd
-    return out_ids, out_d
 
 
 def _rows(q_ids: np.ndarray, ids: np.ndarray, d: np.ndarray) -> pa.RecordBatch:
