@@ -14,6 +14,7 @@ global batch), every rank keeps identical weights, and only rank 0 logs and chec
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -411,39 +412,87 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def train_epoch(self, stage: Stage, epoch: int) -> float:
-        if self.distributed:
-            return self._train_epoch_distributed(stage, epoch)
+        """One epoch of ``stage``; returns the mean training loss per row (over all ranks' rows).
+
+        The one epoch loop, for one process and for ``world_size > 1``: there every rank takes its
+        share of each global batch, the gradients are summed over ranks weighted by rows before each
+        optimizer step, and a rank whose shard ran out (streaming shards are whole row groups, hence
+        uneven) still joins each all-reduce with zero gradients until all are done.
+        """
         seed = epoch_seed(self.tc.seed, stage.index, epoch)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        # Rank 0 (and a single process) draws the single-process noise; the others their own.
+        gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.rank)
         m = self.model
         m.train()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
+        total = torch.zeros((), device=self.device, dtype=torch.float64)  # summed on the device:
+        count = torch.zeros((), device=self.device, dtype=torch.float64)  # one host sync per epoch
         bce = self.fine.loss == "bce"
         opt = self.optimizer
+        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
         graph = self._graph() if stage.kind == "finetune" else None
-        for xb in self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed):
+        batches = self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed)
+        for xb, scale in self._lockstep(batches):
+            sync = None if not self.distributed else functools.partial(self._sync_grads, scale)
+            if xb is None:  # nothing here this step: join the all-reduce with zero gradients
+                opt.zero_grad(set_to_none=True)
+                sync()
+                opt.step()
+                if rbm:
+                    with torch.no_grad():
+                        m.decoders[stage.layer].weight.copy_(m.encoders[stage.layer].weight.t())
+                continue
             if stage.kind == "finetune":
                 with self._autocast():
                     if isinstance(xb, GraphBatch):  # row indices of sampled edges and uniform rows
                         loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
                     else:
+                        # Neighbour losses: affinities within this rank's part of the global batch.
                         loss, n = finetune_loss(m, xb, bce, self.fine, gen), xb.shape[0]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if sync is not None:
+                    sync()
                 opt.step()
                 loss = loss.detach()
             else:
                 n = xb.shape[0]
                 x = inputs_for_layer(m, xb, stage.layer)
-                if self.pre.method == "rbm":
-                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen)
+                if rbm:
+                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync)
                 else:
                     with self._autocast():
-                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen)
-            total += loss.double() * n  # summed on the device: one host sync per epoch
+                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
+            total += loss.double() * n
             count += n
-        return float(total.item() / max(count, 1))
+        if self.distributed:
+            import torch.distributed as dist
+
+            stats = torch.stack([total, count])
+            dist.all_reduce(stats)
+            total, count = stats[0], stats[1]
+        return float(total.item() / max(count.item(), 1))
+
+    def _lockstep(self, batches: Iterator[Any]) -> Iterator[tuple[Any, float]]:
+        """``(batch, this rank's share of the global batch's rows)``; in one process every batch with
+        share 1. Distributed: each step first sums the ranks' row counts, so every rank takes the
+        same number of steps; a rank with no rows left gets ``(None, 0.0)`` until all are done."""
+        if not self.distributed:
+            for xb in batches:
+                yield xb, 1.0
+            return
+        import torch.distributed as dist
+
+        it = iter(batches)
+        n_t = torch.zeros(1, device=self.device, dtype=torch.int64)
+        while True:
+            xb = next(it, None)
+            n = 0 if xb is None else xb.shape[0]
+            n_t.fill_(n)
+            dist.all_reduce(n_t)
+            n_all = int(n_t.item())
+            if n_all == 0:
+                return
+            yield xb, n / n_all
 
     # ---- distributed (world_size > 1)
 
@@ -462,67 +511,6 @@ class Trainer:
             k = p.numel()
             p.grad.copy_(flat[offset : offset + k].view_as(p.grad))
             offset += k
-
-    def _train_epoch_distributed(self, stage: Stage, epoch: int) -> float:
-        """One epoch in lock-step with the other ranks; returns the loss over all ranks' rows.
-
-        Every step first sums the ranks' row counts, so a rank whose shard ran out (streaming shards are
-        whole row groups, hence uneven) still joins each all-reduce with zero gradients until all are done.
-        """
-        import torch.distributed as dist
-
-        seed = epoch_seed(self.tc.seed, stage.index, epoch)
-        # Rank 0 draws the single-process noise; the others their own (their rows differ).
-        gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.rank)
-        m = self.model
-        m.train()
-        stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, rows
-        bce = self.fine.loss == "bce"
-        opt = self.optimizer
-        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
-        it = iter(self._batches(stage, seed))
-        n_t = torch.zeros(1, device=self.device, dtype=torch.int64)
-        while True:
-            xb = next(it, None)
-            n = 0 if xb is None else xb.shape[0]
-            n_t.fill_(n)
-            dist.all_reduce(n_t)
-            n_all = int(n_t.item())
-            if n_all == 0:
-                break
-            scale = n / n_all
-
-            def sync(scale: float = scale) -> None:
-                self._sync_grads(scale)
-
-            if n == 0:  # nothing here this step: join the all-reduce with zero gradients
-                opt.zero_grad(set_to_none=True)
-                sync()
-                opt.step()
-                if rbm:
-                    with torch.no_grad():
-                        m.decoders[stage.layer].weight.copy_(m.encoders[stage.layer].weight.t())
-                continue
-            if stage.kind == "finetune":
-                with self._autocast():
-                    # Neighbour losses: affinities within this rank's part of the global batch.
-                    loss = finetune_loss(m, xb, bce, self.fine, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                sync()
-                opt.step()
-                loss = loss.detach()
-            else:
-                x = inputs_for_layer(m, xb, stage.layer)
-                if rbm:
-                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync)
-                else:
-                    with self._autocast():
-                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
-            stats[0] += loss.double() * n
-            stats[1] += n
-        dist.all_reduce(stats)
-        return float(stats[0].item() / max(stats[1].item(), 1))
 
     def broadcast_weights(self) -> None:
         """Make every rank start from rank 0's weights (they are equal by seed; this makes it certain)."""
