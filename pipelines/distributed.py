@@ -18,8 +18,9 @@ class DistributedTrainingError(RuntimeError):
     """A training process failed; the message says which and ends with the processes' output."""
 
 
-def run_distributed(spark: Any, cfg: DistributedConfig, train_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Train with ``cfg.num_processes`` processes; returns rank 0's summary (model_uri, run_id, ...).
+def run_distributed(spark: Any, cfg: DistributedConfig, request: Any) -> dict[str, Any]:
+    """Train ``request`` (a ``sae_model.trainer.TrainRequest``) with ``cfg.num_processes`` processes;
+    returns rank 0's summary (model_uri, run_id, ...).
 
     ``local_mode=True`` starts them on the driver (torchrun); ``False`` runs one per Spark task in a
     barrier stage, so the cluster needs ``num_processes`` free task slots at once. ``spark`` must be
@@ -35,11 +36,11 @@ def run_distributed(spark: Any, cfg: DistributedConfig, train_kwargs: dict[str, 
         "distributed training: %d processes, %s, %s", cfg.num_processes,
         "GPU/nccl" if cfg.use_gpu else "CPU/gloo", "on the driver" if cfg.local_mode else "one per Spark task",
     )
-    checkpoint_dir = train_kwargs["checkpoint_dir"]
+    checkpoint_dir = request.checkpoint_dir
     shutil.rmtree(failures_dir(checkpoint_dir), ignore_errors=True)
     distributor = TorchDistributor(num_processes=cfg.num_processes, local_mode=cfg.local_mode, use_gpu=cfg.use_gpu)
     try:
-        out = distributor.run(train_worker, train_kwargs, cfg.use_gpu, cfg.timeout_s)
+        out = distributor.run(train_worker, request, cfg.use_gpu, cfg.timeout_s)
     except Exception as exc:
         ranks = read_failures(checkpoint_dir)
         why = "; ".join(ranks) if ranks else "no rank left an error (killed?); see the processes' output"

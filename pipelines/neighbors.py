@@ -17,9 +17,11 @@ by id inside every group, so re-runs give identical tables.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +32,7 @@ from pyspark.sql import types as T
 
 from pipelines.schemas import NEIGHBORS
 from pipelines.scoring import list_column, matrix
+from sae_model.knn import topk
 
 log = logging.getLogger(__name__)
 
@@ -61,40 +64,6 @@ def prepare(x: np.ndarray, metric: str) -> np.ndarray:
 def to_metric(d: np.ndarray | float, metric: str) -> np.ndarray | float:
     """Euclidean distance of prepared vectors -> the reported distance."""
     return d * d / 2.0 if metric == "cosine" else d
-
-
-def topk(
-    q_ids: np.ndarray, q: np.ndarray, c_ids: np.ndarray, c: np.ndarray, k: int, margin: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest of each query among ``c`` (itself excluded by id), ordered by (distance, id).
-
-    Candidates come from the fast ``|q|²+|c|²-2q·c`` form; their distances are then recomputed
-    directly, so the reported figures do not depend on BLAS blocking. Returns ``(ids, dists)`` of
-    shape ``(m, k)``, padded with -1 / inf where there are fewer than k others.
-    """
-    m, n = len(q_ids), len(c_ids)
-    out_ids = np.full((m, k), -1, dtype=np.int64)
-    out_d = np.full((m, k), np.inf)
-    if m == 0 or n == 0:
-        return out_ids, out_d
-    kk = min(n, k + 1 + margin)
-    c_sq = (c * c).sum(1)
-    step = max(1, int(2e7 // max(n, 1)))
-    for s in range(0, m, step):
-        qb, qi = q[s : s + step], q_ids[s : s + step]
-        d2 = (qb * qb).sum(1)[:, None] + c_sq[None, :] - 2.0 * (qb @ c.T)
-        d2[qi[:, None] == c_ids[None, :]] = np.inf
-        idx = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < n else np.broadcast_to(np.arange(n), (len(qb), n))
-        cand_ids = c_ids[idx]
-        d = np.sqrt(((qb[:, None, :] - c[idx]) ** 2).sum(-1))
-        d[cand_ids == qi[:, None]] = np.inf
-        order = np.lexsort((cand_ids, d), axis=-1)[:, :k]
-        ids = np.take_along_axis(cand_ids, order, 1)
-        dd = np.take_along_axis(d, order, 1)
-        ids[~np.isfinite(dd)] = -1
-        w = ids.shape[1]
-        out_ids[s : s + step, :w], out_d[s : s + step, :w] = ids, dd
-    return out_ids, out_d
 
 
 def _rows(q_ids: np.ndarray, ids: np.ndarray, d: np.ndarray) -> pa.RecordBatch:
@@ -165,6 +134,179 @@ def _xy(codes: DataFrame, metric: str, column: str) -> DataFrame:
     return codes.select("item_id", x.alias("px"), y.alias("py"))
 
 
+# ---------------------------------------------------------------- grid method, pure parts
+
+
+# Pass 1's rows: kind 0 = a certified item's final neighbour, 1 = a query for pass 2 in ``tile``,
+# 2 = an undecided item's candidate so far.
+_PASS1 = T.StructType(
+    [
+        T.StructField("kind", T.IntegerType(), False),
+        T.StructField("item_id", T.LongType(), False),
+        T.StructField("neighbor_id", T.LongType(), False),
+        T.StructField("rank", T.IntegerType(), False),
+        T.StructField("distance", T.DoubleType(), False),
+        T.StructField("tile", T.IntegerType(), False),
+        T.StructField("px", T.DoubleType(), False),
+        T.StructField("py", T.DoubleType(), False),
+    ]
+)
+_PASS1_ARROW = pa.schema(
+    [
+        ("kind", pa.int32()),
+        ("item_id", pa.int64()),
+        ("neighbor_id", pa.int64()),
+        ("rank", pa.int32()),
+        ("distance", pa.float64()),
+        ("tile", pa.int32()),
+        ("px", pa.float64()),
+        ("py", pa.float64()),
+    ]
+)
+
+
+def tile_of(px: np.ndarray, py: np.ndarray, ex: np.ndarray, ey: np.ndarray) -> np.ndarray:
+    """Tile number (int32) of each point: ``tx * (len(ey) + 1) + ty``, where ``tx``/``ty`` count the
+    sorted inner tile edges ``ex``/``ey`` at or left of (below) the point."""
+    tx = np.searchsorted(ex, px, side="right")
+    ty = np.searchsorted(ey, py, side="right")
+    return (tx * (len(ey) + 1) + ty).astype(np.int32)
+
+
+def tree_knn(
+    tree_ids: np.ndarray, tree: Any, q: np.ndarray, kq: int, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``kq`` nearest of ``tree`` (a ``scipy.spatial.cKDTree`` of the points ``tree_ids``) to each
+    row of ``q`` (m x 2), ``exclude`` ids (each query's own) dropped; ``(ids, dists)`` of shape
+    (m, kq) ordered by (distance, id), padded with -1 / inf."""
+    kq_eff = min(kq + (1 if exclude is not None else 0), len(tree_ids))
+    if kq_eff == 0:
+        return np.full((len(q), kq), -1, np.int64), np.full((len(q), kq), np.inf)
+    d, idx = tree.query(q, k=kq_eff)
+    d, idx = d.reshape(len(q), kq_eff), idx.reshape(len(q), kq_eff)
+    nb = tree_ids[np.minimum(idx, len(tree_ids) - 1)]
+    nb[~np.isfinite(d)] = -1
+    if exclude is not None:
+        self_hit = nb == exclude[:, None]
+        # Drop self; where self was not returned (many duplicates), drop the farthest instead.
+        no_self = ~self_hit.any(1)
+        self_hit[no_self, -1] = True
+        d = d[~self_hit].reshape(len(q), kq_eff - 1)
+        nb = nb[~self_hit].reshape(len(q), kq_eff - 1)
+    d = np.where(nb < 0, np.inf, d)
+    order = np.lexsort((nb, d), axis=-1)
+    nb, d = np.take_along_axis(nb, order, 1), np.take_along_axis(d, order, 1)
+    if nb.shape[1] < kq:
+        pad = kq - nb.shape[1]
+        nb = np.pad(nb, ((0, 0), (0, pad)), constant_values=-1)
+        d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.inf)
+    return nb, d
+
+
+def tiles_within(xy: np.ndarray, radius: np.ndarray, tile: int, ex: np.ndarray, ey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For points ``xy`` (m x 2) of ``tile`` with search radii ``radius`` (m,): ``(row, other_tile)``
+    pairs, one per other tile that the square of side ``2 * radius`` around the row reaches."""
+    gy = len(ey) + 1
+    x0 = np.searchsorted(ex, xy[:, 0] - radius, side="right")
+    x1 = np.searchsorted(ex, xy[:, 0] + radius, side="right")
+    y0 = np.searchsorted(ey, xy[:, 1] - radius, side="right")
+    y1 = np.searchsorted(ey, xy[:, 1] + radius, side="right")
+    reps, tiles = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for j in range(len(xy)):
+        cx, cy = np.meshgrid(np.arange(x0[j], x1[j] + 1), np.arange(y0[j], y1[j] + 1), indexing="ij")
+        t = (cx * gy + cy).ravel()
+        t = t[t != tile]
+        reps.append(np.full(len(t), j))
+        tiles.append(t)
+    return np.concatenate(reps), np.concatenate(tiles)
+
+
+def tile_pass1(table: pa.Table, k: int, ex: np.ndarray, ey: np.ndarray) -> pa.Table:
+    """Pass 1 of the grid method on one tile's points (``item_id``, ``px``, ``py``, ``tile``): each
+    item's k nearest inside the tile; an item whose k-th distance is shorter than its distance to
+    the tile's border is done (kind 0 rows), the others keep their candidates (kind 2) and ask
+    every other tile their radius reaches (kind 1 rows, one per tile). Rows as ``_PASS1_ARROW``."""
+    from scipy.spatial import cKDTree
+
+    gy = len(ey) + 1
+    lo_x, hi_x = np.concatenate([[-np.inf], ex]), np.concatenate([ex, [np.inf]])
+    lo_y, hi_y = np.concatenate([[-np.inf], ey]), np.concatenate([ey, [np.inf]])
+    table = table.sort_by("item_id")
+    ids = table.column("item_id").to_numpy()
+    xy = np.column_stack([table.column("px").to_numpy(), table.column("py").to_numpy()])
+    tile = int(table.column("tile")[0].as_py())
+    tx, ty = divmod(tile, gy)
+    nb, d = tree_knn(ids, cKDTree(xy), xy, k, ids)
+    radius = d[:, -1]
+    border = np.minimum.reduce([xy[:, 0] - lo_x[tx], hi_x[tx] - xy[:, 0], xy[:, 1] - lo_y[ty], hi_y[ty] - xy[:, 1]])
+    done = radius < border
+    parts = []
+    # kind 0: certified items' final rows; kind 2: the others' candidates so far.
+    for kind, sel in ((0, done), (2, ~done)):
+        m = sel[:, None] & (nb >= 0)
+        r = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), nb.shape)
+        cnt = int(m.sum())
+        parts.append(
+            [
+                np.full(cnt, kind, np.int32),
+                np.broadcast_to(ids[:, None], nb.shape)[m],
+                nb[m],
+                r[m],
+                d[m],
+                np.full(cnt, tile, np.int32),
+                np.zeros(cnt),
+                np.zeros(cnt),
+            ]
+        )
+    # kind 1: one query row per (undecided item, other tile within its radius).
+    q = np.flatnonzero(~done)
+    if len(q):
+        rows, tiles = tiles_within(xy[q], radius[q], tile, ex, ey)
+        rep = q[rows]
+        cnt = len(rep)
+        parts.append(
+            [
+                np.full(cnt, 1, np.int32),
+                ids[rep],
+                np.full(cnt, -1, np.int64),
+                np.zeros(cnt, np.int32),
+                np.zeros(cnt),
+                tiles.astype(np.int32),
+                xy[rep, 0],
+                xy[rep, 1],
+            ]
+        )
+    cols = [np.concatenate([p[i] for p in parts]) for i in range(len(_PASS1_ARROW))]
+    return pa.Table.from_arrays([pa.array(c) for c in cols], names=_PASS1_ARROW.names).cast(_PASS1_ARROW)
+
+
+def tile_pass2(table: pa.Table, k: int) -> pa.Table:
+    """Pass 2 of the grid method in one tile: the tile's points (``role`` 0) answer the queries sent
+    to it (``role`` 1) with their k nearest; candidate rows as ``_CAND_ARROW``."""
+    from scipy.spatial import cKDTree
+
+    role = table.column("role").to_numpy()
+    data = table.filter(pc.equal(table.column("role"), 0)).sort_by("item_id")
+    qs = table.filter(pc.equal(table.column("role"), 1)).sort_by("item_id")
+    if qs.num_rows == 0 or data.num_rows == 0 or not (role == 1).any():
+        return pa.Table.from_batches([], schema=_CAND_ARROW)
+    d_ids = data.column("item_id").to_numpy()
+    dxy = np.column_stack([data.column("px").to_numpy(), data.column("py").to_numpy()])
+    q_ids = qs.column("item_id").to_numpy()
+    qxy = np.column_stack([qs.column("px").to_numpy(), qs.column("py").to_numpy()])
+    nb, d = tree_knn(d_ids, cKDTree(dxy), qxy, k, None)
+    return pa.Table.from_batches([_rows(q_ids, nb, d)])
+
+
+def _assign_tiles(batches: Iterator[pa.RecordBatch], ex: np.ndarray, ey: np.ndarray) -> Iterator[pa.RecordBatch]:
+    for b in batches:
+        tile = tile_of(b.column("px").to_numpy(), b.column("py").to_numpy(), ex, ey)
+        yield pa.RecordBatch.from_arrays([*b.columns, pa.array(tile)], names=[*b.schema.names, "tile"])
+
+
+# ---------------------------------------------------------------- grid method, the Spark wiring
+
+
 def grid_neighbors(
     spark: SparkSession,
     codes: DataFrame,
@@ -174,164 +316,23 @@ def grid_neighbors(
     column: str = "code",
     n_items: int | None = None,
 ) -> DataFrame:
-    """Exact top-k for 2-D codes by a two-pass tile join (see the module docstring)."""
-    from scipy.spatial import cKDTree
-
+    """Exact top-k for 2-D codes by a two-pass tile join (see the module docstring): tiles cut at
+    the codes' quantiles (``tile_of``), ``tile_pass1`` per tile, ``tile_pass2`` for the items whose
+    search radius leaves their tile, then the candidates merged."""
     pts = _xy(codes, metric, column)
     n = n_items if n_items is not None else pts.count()
     g = max(1, round(math.sqrt(n / max(tile_items, 1))))
     probs = [i / g for i in range(1, g)]
     qx, qy = pts.approxQuantile(["px", "py"], probs, 1e-4) if probs else ([], [])
     ex, ey = np.unique(np.asarray(qx, np.float64)), np.unique(np.asarray(qy, np.float64))
-    gy = len(ey) + 1
-    log.info("grid neighbours: %d items in %d x %d tiles", n, len(ex) + 1, gy)
+    log.info("grid neighbours: %d items in %d x %d tiles", n, len(ex) + 1, len(ey) + 1)
 
     tile_schema = T.StructType(pts.schema.fields + [T.StructField("tile", T.IntegerType(), False)])
-
-    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for b in batches:
-            tx = np.searchsorted(ex, b.column("px").to_numpy(), side="right")
-            ty = np.searchsorted(ey, b.column("py").to_numpy(), side="right")
-            yield pa.RecordBatch.from_arrays(
-                [*b.columns, pa.array((tx * gy + ty).astype(np.int32))], names=[*b.schema.names, "tile"]
-            )
-
-    tiled = pts.mapInArrow(assign, tile_schema)
-    lo_x, hi_x = np.concatenate([[-np.inf], ex]), np.concatenate([ex, [np.inf]])
-    lo_y, hi_y = np.concatenate([[-np.inf], ey]), np.concatenate([ey, [np.inf]])
-
-    pass1_schema = T.StructType(
-        [
-            T.StructField("kind", T.IntegerType(), False),  # 0 final row, 1 query for pass 2, 2 candidate
-            T.StructField("item_id", T.LongType(), False),
-            T.StructField("neighbor_id", T.LongType(), False),
-            T.StructField("rank", T.IntegerType(), False),
-            T.StructField("distance", T.DoubleType(), False),
-            T.StructField("tile", T.IntegerType(), False),
-            T.StructField("px", T.DoubleType(), False),
-            T.StructField("py", T.DoubleType(), False),
-        ]
-    )
-    p1_names = [f.name for f in pass1_schema.fields]
-
-    def knn(tree_ids: np.ndarray, tree, q: np.ndarray, kq: int, exclude: np.ndarray | None):  # noqa: ANN001,ANN202
-        """k nearest in the tree, dropping ``exclude`` ids (self); sorted by (distance, id)."""
-        kq_eff = min(kq + (1 if exclude is not None else 0), len(tree_ids))
-        if kq_eff == 0:
-            return np.full((len(q), kq), -1, np.int64), np.full((len(q), kq), np.inf)
-        d, idx = tree.query(q, k=kq_eff)
-        d, idx = d.reshape(len(q), kq_eff), idx.reshape(len(q), kq_eff)
-        nb = tree_ids[np.minimum(idx, len(tree_ids) - 1)]
-        nb[~np.isfinite(d)] = -1
-        if exclude is not None:
-            self_hit = nb == exclude[:, None]
-            # Drop self; where self was not returned (many duplicates), drop the farthest instead.
-            no_self = ~self_hit.any(1)
-            self_hit[no_self, -1] = True
-            d = d[~self_hit].reshape(len(q), kq_eff - 1)
-            nb = nb[~self_hit].reshape(len(q), kq_eff - 1)
-        d = np.where(nb < 0, np.inf, d)
-        order = np.lexsort((nb, d), axis=-1)
-        nb, d = np.take_along_axis(nb, order, 1), np.take_along_axis(d, order, 1)
-        if nb.shape[1] < kq:
-            pad = kq - nb.shape[1]
-            nb = np.pad(nb, ((0, 0), (0, pad)), constant_values=-1)
-            d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.inf)
-        return nb, d
-
-    def pass1(table: pa.Table) -> pa.Table:
-        table = table.sort_by("item_id")
-        ids = table.column("item_id").to_numpy()
-        xy = np.column_stack([table.column("px").to_numpy(), table.column("py").to_numpy()])
-        tile = int(table.column("tile")[0].as_py())
-        tx, ty = divmod(tile, gy)
-        nb, d = knn(ids, cKDTree(xy), xy, k, ids)
-        radius = d[:, -1]
-        border = np.minimum.reduce(
-            [xy[:, 0] - lo_x[tx], hi_x[tx] - xy[:, 0], xy[:, 1] - lo_y[ty], hi_y[ty] - xy[:, 1]]
-        )
-        done = radius < border
-        parts = []
-        # kind 0: certified items' final rows; kind 2: the others' candidates so far.
-        for kind, sel in ((0, done), (2, ~done)):
-            m = sel[:, None] & (nb >= 0)
-            r = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), nb.shape)
-            cnt = int(m.sum())
-            parts.append(
-                [
-                    np.full(cnt, kind, np.int32),
-                    np.broadcast_to(ids[:, None], nb.shape)[m],
-                    nb[m],
-                    r[m],
-                    d[m],
-                    np.full(cnt, tile, np.int32),
-                    np.zeros(cnt),
-                    np.zeros(cnt),
-                ]
-            )
-        # kind 1: one query row per (undecided item, other tile within its radius).
-        q = np.flatnonzero(~done)
-        if len(q):
-            r = radius[q]
-            x0 = np.searchsorted(ex, xy[q, 0] - r, side="right")
-            x1 = np.searchsorted(ex, xy[q, 0] + r, side="right")
-            y0 = np.searchsorted(ey, xy[q, 1] - r, side="right")
-            y1 = np.searchsorted(ey, xy[q, 1] + r, side="right")
-            reps, tiles = [], []
-            for j in range(len(q)):
-                cx, cy = np.meshgrid(np.arange(x0[j], x1[j] + 1), np.arange(y0[j], y1[j] + 1), indexing="ij")
-                t = (cx * gy + cy).ravel()
-                t = t[t != tile]
-                reps.append(np.full(len(t), q[j]))
-                tiles.append(t)
-            rep = np.concatenate(reps) if reps else np.zeros(0, np.int64)
-            cnt = len(rep)
-            parts.append(
-                [
-                    np.full(cnt, 1, np.int32),
-                    ids[rep],
-                    np.full(cnt, -1, np.int64),
-                    np.zeros(cnt, np.int32),
-                    np.zeros(cnt),
-                    np.concatenate(tiles).astype(np.int32) if cnt else np.zeros(0, np.int32),
-                    xy[rep, 0],
-                    xy[rep, 1],
-                ]
-            )
-        cols = [np.concatenate([p[i] for p in parts]) for i in range(len(p1_names))]
-        return pa.Table.from_arrays([pa.array(c) for c in cols], names=p1_names).cast(
-            pa.schema(
-                [
-                    ("kind", pa.int32()),
-                    ("item_id", pa.int64()),
-                    ("neighbor_id", pa.int64()),
-                    ("rank", pa.int32()),
-                    ("distance", pa.float64()),
-                    ("tile", pa.int32()),
-                    ("px", pa.float64()),
-                    ("py", pa.float64()),
-                ]
-            )
-        )
-
-    p1 = tiled.groupBy("tile").applyInArrow(pass1, pass1_schema)
-
-    def pass2(table: pa.Table) -> pa.Table:
-        role = table.column("role").to_numpy()
-        data = table.filter(pc.equal(table.column("role"), 0)).sort_by("item_id")
-        qs = table.filter(pc.equal(table.column("role"), 1)).sort_by("item_id")
-        if qs.num_rows == 0 or data.num_rows == 0 or not (role == 1).any():
-            return pa.Table.from_batches([], schema=_CAND_ARROW)
-        d_ids = data.column("item_id").to_numpy()
-        dxy = np.column_stack([data.column("px").to_numpy(), data.column("py").to_numpy()])
-        q_ids = qs.column("item_id").to_numpy()
-        qxy = np.column_stack([qs.column("px").to_numpy(), qs.column("py").to_numpy()])
-        nb, d = knn(d_ids, cKDTree(dxy), qxy, k, None)
-        return pa.Table.from_batches([_rows(q_ids, nb, d)])
-
+    tiled = pts.mapInArrow(functools.partial(_assign_tiles, ex=ex, ey=ey), tile_schema)
+    p1 = tiled.groupBy("tile").applyInArrow(functools.partial(tile_pass1, k=k, ex=ex, ey=ey), _PASS1)
     data_rows = tiled.select("tile", "item_id", "px", "py", F.lit(0).alias("role"))
     query_rows = p1.where("kind = 1").select("tile", "item_id", "px", "py", F.lit(1).alias("role"))
-    cand2 = data_rows.unionByName(query_rows).groupBy("tile").applyInArrow(pass2, _CAND)
+    cand2 = data_rows.unionByName(query_rows).groupBy("tile").applyInArrow(functools.partial(tile_pass2, k=k), _CAND)
     undecided = p1.where("kind = 2").select("item_id", "neighbor_id", "distance").unionByName(cand2)
     final = _finish(p1.where("kind = 0"), "euclidean")
     merged = _ranked(undecided, k, "euclidean")

@@ -85,7 +85,7 @@ def train_from_config(
     ``pipelines.distributed.DistributedTrainingError`` pass through.
     """
     from sae_model.distributed import result_summary
-    from sae_model.trainer import TrainingError, train
+    from sae_model.trainer import TrainingError, TrainRequest, fit
 
     dist_cfg = cfg.train.distributed
     if dist_cfg.num_processes > 1 and spark is None:
@@ -94,7 +94,7 @@ def train_from_config(
             "SparkSession, and none was passed in"
         )
     ingest = ingest or pin(cfg.paths.root, "ingest")
-    kwargs = dict(
+    request = TrainRequest(
         model_cfg=cfg.model,
         pretrain_cfg=replace(cfg.pretrain, epochs=0) if init_from else cfg.pretrain,
         finetune_cfg=cfg.finetune,
@@ -112,9 +112,9 @@ def train_from_config(
         if dist_cfg.num_processes > 1:
             from pipelines.distributed import run_distributed
 
-            out = run_distributed(spark, dist_cfg, kwargs)
+            out = run_distributed(spark, dist_cfg, request)
         else:
-            out = result_summary(train(**kwargs))
+            out = result_summary(fit(request))
     except TrainingError as exc:
         raise ConfigError(str(exc)) from exc
     out["train_seconds"] = time.perf_counter() - started

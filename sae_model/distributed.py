@@ -45,15 +45,16 @@ def result_summary(result: Any) -> dict[str, Any]:
     }
 
 
-def train_worker(train_kwargs: dict[str, Any], use_gpu: bool, timeout_s: int) -> dict[str, Any]:
-    """Run ``sae_model.trainer.train(**train_kwargs)`` as this process's rank; return rank 0's summary.
+def train_worker(request: Any, use_gpu: bool, timeout_s: int) -> dict[str, Any]:
+    """Run ``sae_model.trainer.fit(request)`` (a ``TrainRequest``) as this process's rank; return
+    rank 0's summary.
 
     Every rank returns the same dict (rank 0's, broadcast), because a launcher may hand back any
     rank's return value. A rank that raises takes the run down: torchrun stops the others, and a rank
     left waiting on a silent peer gives up after ``timeout_s``. A rank that raises first writes its
     error to ``<checkpoint_dir>/_failures/rank<N>.txt`` (launchers cannot see the ranks' exceptions).
     """
-    from sae_model.trainer import train
+    from sae_model.trainer import fit
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if use_gpu:
@@ -61,12 +62,12 @@ def train_worker(train_kwargs: dict[str, Any], use_gpu: bool, timeout_s: int) ->
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     dist.init_process_group("nccl" if use_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
     try:
-        result = train(**train_kwargs, rank=rank, world_size=world_size)
+        result = fit(request, rank=rank, world_size=world_size)
         box = [result_summary(result) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
     except BaseException as exc:
-        out = failures_dir(train_kwargs["checkpoint_dir"])
+        out = failures_dir(request.checkpoint_dir)
         out.mkdir(parents=True, exist_ok=True)
         last = traceback.format_exception(exc)[-1].strip()
         (out / f"rank{rank}.txt").write_text(f"rank {rank} of {world_size}: {last}", encoding="utf-8")

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from sklearn.decomposition import PCA as _SklearnPCA
 
+from sae_model.knn import topk
+
 log = logging.getLogger(__name__)
 
 # Budget for one block of temporaries, in elements (64M booleans = 64 MB; the float64 distance
@@ -124,33 +126,15 @@ def _check_k(k: int, n: int, name: str = "k") -> None:
 
 
 def knn_indices(x: Any, k: int, *, block_size: int | None = None) -> np.ndarray:
-    """Exact k nearest neighbours of every row (self excluded), nearest first; shape (n, k).
-
-    Ties are broken by the lower index, so the result is deterministic.
+    """Exact k nearest neighbours of every row of ``x`` (n x d), self excluded, nearest first;
+    int64 row indices of shape (n, k). ``sae_model.knn.topk``: ties go to the lower index.
+    Raises ``ValueError`` unless 1 <= k <= n - 1.
     """
     x = _as_2d_float64(x, "x")
     n = x.shape[0]
     _check_k(k, n)
-    sq = np.einsum("ij,ij->i", x, x)
-    out = np.empty((n, k), dtype=np.int64)
-    # A distance block of rows x n float64 plus a few same-sized temporaries.
-    for sl in _row_blocks(n, 8 * n, block_size):
-        d = _sq_dists_block(x[sl], sq[sl], x, sq)
-        rows = np.arange(sl.stop - sl.start)
-        d[rows, rows + sl.start] = np.inf
-        cand = np.argpartition(d, k - 1, axis=1)[:, :k]
-        kth = d[rows[:, None], cand].max(axis=1)
-        cand_d = d[rows[:, None], cand]
-        # Sort the k candidates by (distance, index).
-        order = np.lexsort((cand, cand_d), axis=1)
-        block = np.take_along_axis(cand, order, axis=1)
-        # Where the k-th distance is shared with points outside the candidates, argpartition's
-        # choice is arbitrary: redo those rows with a stable sort (lowest index wins).
-        n_le = (d <= kth[:, None]).sum(axis=1)
-        for r in np.flatnonzero(n_le > k):
-            block[r] = np.argsort(d[r], kind="stable")[:k]
-        out[sl] = block
-    return out
+    ids = np.arange(n, dtype=np.int64)
+    return topk(ids, x, ids, x, k, block_rows=block_size)[0]
 
 
 def _encode_labels(labels: Any, n: int) -> np.ndarray:

@@ -31,29 +31,34 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def exact_knn(x: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_knn(x: torch.Tensor, k: int, block: int = 1024, margin: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (n, k) and squared distances (n, k, float64) of each row's k nearest other rows.
 
-    Candidates come from float32 distances in row blocks (memory O(block x n)); their squared
-    distances are then recomputed exactly in float64. Ties break towards the smaller index.
+    The torch twin of ``sae_model.knn.topk`` (same tie rule), run on the training device:
+    ``k + margin`` candidates come from float32 distances in row blocks (memory O(block x n));
+    their squared distances are then recomputed exactly in float64 and ordered by (distance,
+    index), so ties break towards the smaller index (exactly so while at most ``margin`` further rows
+    tie at the k-th distance; ``topk`` also ranks crowded rows in full).
     """
     n = x.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k: need 1 <= k < number of rows ({n}), got {k}")
+    kk = min(n - 1, k + margin)
     xf = x.reshape(n, -1).float()
     sq = (xf * xf).sum(dim=1)
-    idx = torch.empty((n, k), dtype=torch.long, device=x.device)
+    idx = torch.empty((n, kk), dtype=torch.long, device=x.device)
     for s in range(0, n, block):
         e = min(s + block, n)
         d2 = sq[s:e, None] + sq[None, :] - 2.0 * (xf[s:e] @ xf.T)
         d2[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = math.inf
-        idx[s:e] = torch.topk(d2, k, dim=1, largest=False, sorted=True).indices
+        idx[s:e] = torch.topk(d2, kk, dim=1, largest=False, sorted=True).indices
+    idx = torch.sort(idx, dim=1).values  # by index first, so the stable sort below breaks ties by it
     x64 = x.reshape(n, -1).to(torch.float64)
     d2 = torch.empty(idx.shape, dtype=torch.float64, device=x.device)
-    for s in range(0, n, block):  # blocks keep the (block, k, d) differences small
+    for s in range(0, n, block):  # blocks keep the (block, kk, d) differences small
         d2[s : s + block] = ((x64[s : s + block, None, :] - x64[idx[s : s + block]]) ** 2).sum(dim=-1)
     d2, order = torch.sort(d2, dim=1, stable=True)
-    return idx.gather(1, order), d2
+    return idx.gather(1, order)[:, :k], d2[:, :k].contiguous()
 
 
 class NeighbourGraph:

@@ -14,9 +14,9 @@ global batch), every rank keeps identical weights, and only rank 0 logs and chec
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -88,10 +88,6 @@ def eta_seconds(
 
 log = logging.getLogger(__name__)
 
-# Test hook: the process exits (as if killed) right after writing this many checkpoints.
-EXIT_AFTER_ENV = "SAE_TEST_EXIT_AFTER_EPOCHS"
-# Test hook: the rank with this number raises at the start of training (a rank that dies).
-FAIL_RANK_ENV = "SAE_TEST_FAIL_RANK"
 
 
 class TrainingError(ValueError):
@@ -154,9 +150,15 @@ class TrainResult:
 
 
 class Callback:
-    """Hooks the trainer calls; all optional."""
+    """Hooks the trainer calls; all optional. Callbacks travel to the ranks of distributed training
+    with the ``TrainRequest``, so they must pickle."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
 
     def on_stage_start(self, trainer: Trainer, stage: Stage) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, stage: Stage, epoch: int, finished: bool) -> None:
+        """After rank 0 wrote the checkpoint of ``epoch`` of ``stage`` (``finished``: the last one)."""
 
     def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None: ...
 
@@ -291,8 +293,6 @@ class Trainer:
         self.run_id: str | None = None
         self.step = 0  # epochs completed over all stages
         self.optimizer: torch.optim.Optimizer | None = None
-        self._exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
-        self._saved_here = 0
         self._val_rows = -1
         self.progress = train_cfg.progress and sys.stderr.isatty()
         self.amp = train_cfg.mixed_precision and device.type == "cuda"
@@ -375,11 +375,8 @@ class Trainer:
             "spec": self.model.spec(),
         }
         ckpt.save_checkpoint(self.checkpoint_dir, self._state(), meta)
-        self._saved_here += 1
-        if self._exit_after and self._saved_here >= self._exit_after and not finished:
-            log.warning("%s=%d: exiting now as if killed", EXIT_AFTER_ENV, self._exit_after)
-            logging.shutdown()
-            os._exit(17)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, stage, epoch, finished)
 
     def restore(self) -> tuple[int, int] | None:
         """Load the last checkpoint; returns ``(stage_index, next_epoch)`` to continue from, or None."""
@@ -432,39 +429,87 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def train_epoch(self, stage: Stage, epoch: int) -> float:
-        if self.distributed:
-            return self._train_epoch_distributed(stage, epoch)
+        """One epoch of ``stage``; returns the mean training loss per row (over all ranks' rows).
+
+        The one epoch loop, for one process and for ``world_size > 1``: there every rank takes its
+        share of each global batch, the gradients are summed over ranks weighted by rows before each
+        optimizer step, and a rank whose shard ran out (streaming shards are whole row groups, hence
+        uneven) still joins each all-reduce with zero gradients until all are done.
+        """
         seed = epoch_seed(self.tc.seed, stage.index, epoch)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        # Rank 0 (and a single process) draws the single-process noise; the others their own.
+        gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.rank)
         m = self.model
         m.train()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
+        total = torch.zeros((), device=self.device, dtype=torch.float64)  # summed on the device:
+        count = torch.zeros((), device=self.device, dtype=torch.float64)  # one host sync per epoch
         bce = self.fine.loss == "bce"
         opt = self.optimizer
+        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
         graph = self._graph() if stage.kind == "finetune" else None
-        for xb in self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed):
+        batches = self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed)
+        for xb, scale in self._lockstep(batches):
+            sync = None if not self.distributed else functools.partial(self._sync_grads, scale)
+            if xb is None:  # nothing here this step: join the all-reduce with zero gradients
+                opt.zero_grad(set_to_none=True)
+                sync()
+                opt.step()
+                if rbm:
+                    with torch.no_grad():
+                        m.decoders[stage.layer].weight.copy_(m.encoders[stage.layer].weight.t())
+                continue
             if stage.kind == "finetune":
                 with self._autocast():
                     if isinstance(xb, GraphBatch):  # row indices of sampled edges and uniform rows
                         loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
                     else:
+                        # Neighbour losses: affinities within this rank's part of the global batch.
                         loss, n = finetune_loss(m, xb, bce, self.fine, gen), xb.shape[0]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if sync is not None:
+                    sync()
                 opt.step()
                 loss = loss.detach()
             else:
                 n = xb.shape[0]
                 x = inputs_for_layer(m, xb, stage.layer)
-                if self.pre.method == "rbm":
-                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen)
+                if rbm:
+                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync)
                 else:
                     with self._autocast():
-                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen)
-            total += loss.double() * n  # summed on the device: one host sync per epoch
+                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
+            total += loss.double() * n
             count += n
-        return float(total.item() / max(count, 1))
+        if self.distributed:
+            import torch.distributed as dist
+
+            stats = torch.stack([total, count])
+            dist.all_reduce(stats)
+            total, count = stats[0], stats[1]
+        return float(total.item() / max(count.item(), 1))
+
+    def _lockstep(self, batches: Iterator[Any]) -> Iterator[tuple[Any, float]]:
+        """``(batch, this rank's share of the global batch's rows)``; in one process every batch with
+        share 1. Distributed: each step first sums the ranks' row counts, so every rank takes the
+        same number of steps; a rank with no rows left gets ``(None, 0.0)`` until all are done."""
+        if not self.distributed:
+            for xb in batches:
+                yield xb, 1.0
+            return
+        import torch.distributed as dist
+
+        it = iter(batches)
+        n_t = torch.zeros(1, device=self.device, dtype=torch.int64)
+        while True:
+            xb = next(it, None)
+            n = 0 if xb is None else xb.shape[0]
+            n_t.fill_(n)
+            dist.all_reduce(n_t)
+            n_all = int(n_t.item())
+            if n_all == 0:
+                return
+            yield xb, n / n_all
 
     # ---- distributed (world_size > 1)
 
@@ -483,67 +528,6 @@ class Trainer:
             k = p.numel()
             p.grad.copy_(flat[offset : offset + k].view_as(p.grad))
             offset += k
-
-    def _train_epoch_distributed(self, stage: Stage, epoch: int) -> float:
-        """One epoch in lock-step with the other ranks; returns the loss over all ranks' rows.
-
-        Every step first sums the ranks' row counts, so a rank whose shard ran out (streaming shards are
-        whole row groups, hence uneven) still joins each all-reduce with zero gradients until all are done.
-        """
-        import torch.distributed as dist
-
-        seed = epoch_seed(self.tc.seed, stage.index, epoch)
-        # Rank 0 draws the single-process noise; the others their own (their rows differ).
-        gen = torch.Generator(device=self.device).manual_seed(seed + 7919 * self.rank)
-        m = self.model
-        m.train()
-        stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, rows
-        bce = self.fine.loss == "bce"
-        opt = self.optimizer
-        rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
-        it = iter(self._batches(stage, seed))
-        n_t = torch.zeros(1, device=self.device, dtype=torch.int64)
-        while True:
-            xb = next(it, None)
-            n = 0 if xb is None else xb.shape[0]
-            n_t.fill_(n)
-            dist.all_reduce(n_t)
-            n_all = int(n_t.item())
-            if n_all == 0:
-                break
-            scale = n / n_all
-
-            def sync(scale: float = scale) -> None:
-                self._sync_grads(scale)
-
-            if n == 0:  # nothing here this step: join the all-reduce with zero gradients
-                opt.zero_grad(set_to_none=True)
-                sync()
-                opt.step()
-                if rbm:
-                    with torch.no_grad():
-                        m.decoders[stage.layer].weight.copy_(m.encoders[stage.layer].weight.t())
-                continue
-            if stage.kind == "finetune":
-                with self._autocast():
-                    # Neighbour losses: affinities within this rank's part of the global batch.
-                    loss = finetune_loss(m, xb, bce, self.fine, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                sync()
-                opt.step()
-                loss = loss.detach()
-            else:
-                x = inputs_for_layer(m, xb, stage.layer)
-                if rbm:
-                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync)
-                else:
-                    with self._autocast():
-                        loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
-            stats[0] += loss.double() * n
-            stats[1] += n
-        dist.all_reduce(stats)
-        return float(stats[0].item() / max(stats[1].item(), 1))
 
     def broadcast_weights(self) -> None:
         """Make every rank start from rank 0's weights (they are equal by seed; this makes it certain)."""
@@ -587,8 +571,8 @@ class Trainer:
         stages = self.stages()
         si0, ep0 = start or (0, 0)
         spent: dict[int, tuple[float, int]] = {}  # stage index -> (seconds, epochs) in this process
-        if os.environ.get(FAIL_RANK_ENV, "") == str(self.rank):
-            raise RuntimeError(f"{FAIL_RANK_ENV}={self.rank}: rank {self.rank} fails on purpose (test hook)")
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         self.broadcast_weights()
         for stage in stages[si0:]:
             first = ep0 if stage.index == si0 else 0
@@ -688,6 +672,25 @@ def warm_start(model: StackedAutoencoder, init_from: str) -> None:
     log.info("warm start: weights from %s", init_from)
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training run, as a job composes it from the root config (``pipelines.training``); what
+    ``fit`` runs and what distributed training hands every rank (so every field must pickle)."""
+
+    model_cfg: ModelConfig
+    pretrain_cfg: PretrainConfig
+    finetune_cfg: FinetuneConfig
+    train_cfg: TrainConfig
+    features_uri: str
+    items_uri: str | None
+    mlflow_settings: MlflowSettings
+    checkpoint_dir: str | Path
+    resume: bool = False
+    fingerprint: str = ""  # which checkpoints this run may resume (e.g. the config hash)
+    callbacks: tuple[Callback, ...] = ()
+    init_from: str | None = None  # warm start: a model URI or saved-model directory
+
+
 def train(
     model_cfg: ModelConfig,
     pretrain_cfg: PretrainConfig,
@@ -704,7 +707,16 @@ def train(
     world_size: int = 1,
     init_from: str | None = None,
 ) -> TrainResult:
-    """Train on ``features_uri``, log the run to MLflow and register the model.
+    """``fit`` of the ``TrainRequest`` these arguments make (a convenience for scripts and tests)."""
+    request = TrainRequest(
+        model_cfg, pretrain_cfg, finetune_cfg, train_cfg, features_uri, items_uri, mlflow_settings, checkpoint_dir,
+        resume=resume, fingerprint=fingerprint, callbacks=tuple(callbacks or ()), init_from=init_from,
+    )
+    return fit(request, rank=rank, world_size=world_size)
+
+
+def fit(request: TrainRequest, rank: int = 0, world_size: int = 1) -> TrainResult:
+    """Train on ``request.features_uri``, log the run to MLflow and register the model.
 
     ``world_size > 1``: call it on every rank of an initialised process group (``sae_model.distributed``);
     only rank 0 logs to MLflow and checkpoints, and only rank 0's result names the model.
@@ -716,11 +728,15 @@ def train(
     with ``train.auto_resume`` an unfinished checkpoint of the same ``fingerprint`` is continued too.
     A finished checkpoint is never resumed: the run starts afresh.
     """
+    r = request
+    model_cfg, pretrain_cfg, finetune_cfg, train_cfg = r.model_cfg, r.pretrain_cfg, r.finetune_cfg, r.train_cfg
+    features_uri, items_uri, mlflow_settings = r.features_uri, r.items_uri, r.mlflow_settings
+    resume, fingerprint, init_from = r.resume, r.fingerprint, r.init_from
     check_settings(model_cfg, pretrain_cfg, finetune_cfg)
     device = resolve_device(train_cfg.device)
     if train_cfg.threads > 0:
         torch.set_num_threads(train_cfg.threads)
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = Path(r.checkpoint_dir)
     meta = ckpt.load_meta(checkpoint_dir)
     if resume and meta is None:
         raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
@@ -747,7 +763,7 @@ def train(
     inits = [DecoderBiasInit()] if pretrain_cfg.decoder_bias == "data_mean" and pretrain_cfg.method == "autoencoder" else []
     trainer = Trainer(
         model, pretrain_cfg, finetune_cfg, train_cfg, source, device, checkpoint_dir,
-        callbacks=[*inits, *(callbacks or []), checkup], fingerprint=fingerprint, rank=rank, world_size=world_size,
+        callbacks=[*inits, *r.callbacks, checkup], fingerprint=fingerprint, rank=rank, world_size=world_size,
     )
     try:
         start = trainer.restore() if do_resume else None

@@ -11,7 +11,7 @@ import torch
 from pipelines.distributed import DistributedTrainingError, run_distributed
 from sae_model import checkpoint as ckpt
 from sae_model.config import DistributedConfig, FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
-from sae_model.trainer import FAIL_RANK_ENV, MlflowSettings, train
+from sae_model.trainer import Callback, MlflowSettings, TrainRequest, train
 
 # Every test starts a group of training processes (TorchDistributor, torchrun).
 pytestmark = pytest.mark.slow
@@ -28,6 +28,10 @@ REL_TOL = 1e-4
 
 
 
+def request(root: Path, ckdir: Path, settings: MlflowSettings, **fields) -> TrainRequest:
+    return TrainRequest(**dict(kwargs(root, ckdir, settings), **fields))
+
+
 def kwargs(root: Path, ckdir: Path, settings: MlflowSettings, **train_kw) -> dict:
     return dict(
         model_cfg=MODEL, pretrain_cfg=PRE, finetune_cfg=FINE,
@@ -42,7 +46,7 @@ def test_two_processes_reach_the_one_process_validation_loss(spark, data_root, t
     one = train(**kwargs(data_root, tmp_path / "one", off))
     db = f"sqlite:///{tmp_path}/mlflow.db"
     settings = MlflowSettings(db, "dist", "sae-dist", params={"train.distributed.num_processes": 2})
-    two = run_distributed(spark, DistributedConfig(num_processes=2, local_mode=True), kwargs(data_root, tmp_path / "two", settings))
+    two = run_distributed(spark, DistributedConfig(num_processes=2, local_mode=True), request(data_root, tmp_path / "two", settings))
     a, b = one.metrics["val_sq_error_per_item"], two["metrics"]["val_sq_error_per_item"]
     print(f"validation error per item: 1 process {a:.9g}, 2 processes {b:.9g}, rel diff {abs(a - b) / a:.2g}")
     assert b == pytest.approx(a, rel=REL_TOL)
@@ -62,12 +66,16 @@ def test_two_processes_reach_the_one_process_validation_loss(spark, data_root, t
         torch.testing.assert_close(weights[k], v, atol=1e-4, rtol=0)
 
 
-def test_a_rank_that_dies_fails_the_run_with_a_clear_message(spark, data_root, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAIL_RANK_ENV, "1")
+def test_a_rank_that_dies_fails_the_run_with_a_clear_message(spark, data_root, tmp_path):
+    class FailOnRankOne(Callback):  # defined here, so it travels to the ranks by value
+        def on_fit_start(self, trainer):
+            if trainer.rank == 1:
+                raise RuntimeError(f"rank {trainer.rank} fails on purpose (test)")
+
     off = MlflowSettings("", enabled=False)
     cfg = DistributedConfig(num_processes=2, local_mode=True, timeout_s=60)
-    with pytest.raises(DistributedTrainingError, match=r"2 processes failed.*SAE_TEST_FAIL_RANK=1: rank 1 fails on purpose"):
-        run_distributed(spark, cfg, kwargs(data_root, tmp_path / "ck", off))
+    with pytest.raises(DistributedTrainingError, match=r"2 processes failed.*rank 1 of 2: RuntimeError: rank 1 fails on purpose"):
+        run_distributed(spark, cfg, request(data_root, tmp_path / "ck", off, callbacks=(FailOnRankOne(),)))
 
 
 class Interrupt(Exception):
@@ -87,7 +95,7 @@ def test_two_processes_resume_a_one_process_checkpoint_to_the_same_loss(spark, d
         train(**kwargs(data_root, tmp_path / "ck", off), fingerprint="fp", callbacks=[FunctionCallback(stop_after_three)])
     assert ckpt.load_meta(tmp_path / "ck")["step"] == 2
     resumed = run_distributed(
-        spark, DistributedConfig(num_processes=2), dict(kwargs(data_root, tmp_path / "ck", off), resume=True, fingerprint="fp")
+        spark, DistributedConfig(num_processes=2), request(data_root, tmp_path / "ck", off, resume=True, fingerprint="fp")
     )
     hist = ckpt.load_meta(tmp_path / "ck")["history"]
     assert [h["stage_name"] for h in hist] == [h["stage_name"] for h in ckpt.load_meta(tmp_path / "straight")["history"]]
@@ -104,7 +112,7 @@ def test_two_processes_fine_tune_with_the_neighbour_loss(spark, data_root, tmp_p
     tsne = dataclasses.replace(FINE, loss="tsne", lr=0.01, optimizer="adam", neighbor_batch_size=100, perplexity=5)
     args = dict(kwargs(data_root, tmp_path / "one", off), pretrain_cfg=dataclasses.replace(PRE, epochs=1), finetune_cfg=tsne)
     train(**args)
-    two = dict(args, checkpoint_dir=str(tmp_path / "two"))
+    two = TrainRequest(**dict(args, checkpoint_dir=str(tmp_path / "two")))
     run_distributed(spark, DistributedConfig(num_processes=2, local_mode=True), two)
     fine1 = [h for h in ckpt.load_meta(tmp_path / "one")["history"] if h["stage_name"] == "finetune"]
     fine2 = [h for h in ckpt.load_meta(tmp_path / "two")["history"] if h["stage_name"] == "finetune"]

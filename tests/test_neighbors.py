@@ -84,3 +84,61 @@ def test_lsh_recall_above_bound_on_wide_codes(spark):
     assert rec >= 0.8
     counts = nb.groupBy("item_id").count().where("count != 10").count()
     assert counts == 0
+
+
+# ---------------------------------------------------------------- the grid method's parts, without Spark
+
+
+def test_tile_of_numbers_tiles_column_major_from_the_inner_edges():
+    from pipelines.neighbors import tile_of
+
+    ex, ey = np.array([0.0, 1.0]), np.array([5.0])  # 3 x 2 tiles
+    px = np.array([-1.0, 0.0, 0.5, 2.0, 2.0])
+    py = np.array([4.0, 6.0, 5.0, 4.9, 5.1])
+    # A point on an edge belongs to the tile right of (above) it.
+    assert tile_of(px, py, ex, ey).tolist() == [0, 3, 3, 4, 5]
+
+
+def test_tiles_within_lists_every_other_tile_the_radius_reaches():
+    from pipelines.neighbors import tiles_within
+
+    ex, ey = np.array([0.0, 1.0]), np.array([5.0])
+    xy = np.array([[0.5, 4.0], [0.5, 4.0]])  # both in tile 2 (tx=1, ty=0)
+    rows, tiles = tiles_within(xy, np.array([0.1, 1.2]), 2, ex, ey)
+    assert rows.tolist() == [1, 1, 1, 1, 1]  # radius 0.1 stays inside; 1.2 reaches all six tiles
+    assert sorted(tiles.tolist()) == [0, 1, 3, 4, 5]
+
+
+def test_tree_knn_drops_self_and_orders_by_distance_then_id():
+    from scipy.spatial import cKDTree
+
+    from pipelines.neighbors import tree_knn
+
+    ids = np.array([30, 10, 20, 40], dtype=np.int64)
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [5.0, 0.0]])
+    nb, d = tree_knn(ids, cKDTree(xy), xy, 2, ids)
+    assert nb.tolist() == [[10, 20], [30, 20], [30, 10], [10, 30]]
+    np.testing.assert_allclose(d, [[1, 1], [1, 2], [1, 2], [4, 5]])
+    nb, d = tree_knn(ids[:2], cKDTree(xy[:2]), xy[:1], 3, None)  # fewer points than k: padded
+    assert nb.tolist() == [[30, 10, -1]] and d[0, 2] == np.inf
+
+
+def test_tile_pass1_certifies_items_whose_radius_stays_inside():
+    from pipelines.neighbors import tile_pass1
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 1, (30, 2))
+    table = pa.table({"item_id": np.arange(30, dtype=np.int64), "px": xy[:, 0], "py": xy[:, 1],
+                      "tile": np.zeros(30, np.int32)})
+    # One tile and no edges: every item is done in pass 1 and its rows are the brute-force kNN.
+    out = tile_pass1(table, 3, np.array([]), np.array([])).to_pydict()
+    assert set(out["kind"]) == {0} and len(out["kind"]) == 90
+    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    want = np.argsort(d, axis=1, kind="stable")[:, :3]
+    got = np.array(out["neighbor_id"]).reshape(30, 3)
+    np.testing.assert_array_equal(got, want)
+    # An edge through the middle: items near it ask the other tile (kind 1 rows name tile 1).
+    out = tile_pass1(table, 3, np.array([]), np.array([0.5])).to_pydict()
+    assert {0, 1, 2} >= set(out["kind"]) and 1 in out["kind"]
+    assert {t for kind, t in zip(out["kind"], out["tile"], strict=True) if kind == 1} == {1}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainC
 from sae_model.data import DataError, batches_from_row_groups, is_validation
 from sae_model.evaluation import knn_accuracy
 from sae_model.trainer import (
-    EXIT_AFTER_ENV,
     MlflowSettings,
     TrainingDiverged,
     build_model,
@@ -151,17 +149,28 @@ def test_in_memory_and_streaming_agree(data_root, tmp_path):
 
 
 CHILD = """
-import sys, torch
+import logging, os, sys, torch
 torch.set_num_threads(1)
 from sae_model.config import *
-from sae_model.trainer import MlflowSettings, train
+from sae_model.trainer import Callback, MlflowSettings, train
 feats, ck, db = sys.argv[1:4]
+kill_after = int(sys.argv[sys.argv.index("--kill-after") + 1]) if "--kill-after" in sys.argv else 0
+
+class DieAfter(Callback):  # the process exits, as if killed, once this many checkpoints are written
+    saved = 0
+
+    def on_checkpoint(self, trainer, stage, epoch, finished):
+        self.saved += 1
+        if kill_after and self.saved >= kill_after and not finished:
+            logging.shutdown()
+            os._exit(17)
+
 r = train(ModelConfig(layers=[32, 16, 2]), PretrainConfig(method="autoencoder", epochs=2, lr=3.0, batch_size=20),
           FinetuneConfig(epochs=3, lr=3.0, batch_size=20), TrainConfig(seed=1, progress=False),
           feats, feats.replace("features", "items"),
           MlflowSettings(db, "t", "sae-test", params={"model.layers": "[32, 16, 2]", "train.seed": 1},
                          tags={"git_commit": "abc", "data_manifest_hash": "h"}, config_text="model: {}\\n"),
-          ck, resume=len(sys.argv) > 4, fingerprint="fp")
+          ck, resume="--resume" in sys.argv, fingerprint="fp", callbacks=[DieAfter()])
 print("RESULT", r.run_id, r.model_version, r.model_uri)
 """
 
@@ -171,8 +180,8 @@ def test_resume_after_kill_matches_uninterrupted_run_and_logs_everything(data_ro
     db = f"sqlite:///{tmp_path}/mlflow.db"
     ck = tmp_path / "ck"
     args = [sys.executable, "-c", CHILD, feats(data_root), str(ck), db]
-    env = dict(os.environ, **{EXIT_AFTER_ENV: "3"})  # dies after pretrain layer 0, layer 1 epoch 1
-    killed = subprocess.run(args, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # Dies after pretrain layer 0, layer 1 epoch 1.
+    killed = subprocess.run(args + ["--kill-after", "3"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 17, killed.stderr[-2000:]
     meta = ckpt.load_meta(ck)
     assert (meta["step"], meta["stage_name"], meta["finished"]) == (3, "pretrain/layer1", False)

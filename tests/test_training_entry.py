@@ -37,13 +37,13 @@ def test_nightly_train_step_honours_train_distributed(features_root, monkeypatch
     session the job passed in (faked here by training in this process with the same arguments)."""
     from pipelines import distributed
     from sae_model.distributed import result_summary
-    from sae_model.trainer import train
+    from sae_model.trainer import fit
 
     calls = []
 
-    def fake_run_distributed(spark, dist_cfg, train_kwargs):
-        calls.append((spark, dist_cfg.num_processes, dist_cfg.local_mode, train_kwargs))
-        return result_summary(train(**train_kwargs))
+    def fake_run_distributed(spark, dist_cfg, request):
+        calls.append((spark, dist_cfg.num_processes, dist_cfg.local_mode, request))
+        return result_summary(fit(request))
 
     monkeypatch.setattr(distributed, "run_distributed", fake_run_distributed)
     cfg = tiny_cfg(features_root, "train.distributed.num_processes=2", "train.distributed.local_mode=true")
@@ -51,10 +51,10 @@ def test_nightly_train_step_honours_train_distributed(features_root, monkeypatch
     state = NightState(path=features_root / "nightly" / "2024-01-02.json", date="2024-01-02")
     out = step_train(session, cfg, state)
     assert len(calls) == 1
-    spark, n, local_mode, kwargs = calls[0]
+    spark, n, local_mode, request = calls[0]
     assert spark is session and n == 2 and local_mode is True
-    assert kwargs["checkpoint_dir"].endswith("checkpoints/nightly-2024-01-02")
-    assert kwargs["mlflow_settings"].tags["stage"] == "nightly-challenger"
+    assert request.checkpoint_dir.endswith("checkpoints/nightly-2024-01-02")
+    assert request.mlflow_settings.tags["stage"] == "nightly-challenger"
     assert out["version"] == "1" and out["warm_start"] is False
 
 
