@@ -40,6 +40,23 @@ def manifest_hash(features_uri: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def checkpoint_dir_for(cfg: Config, resume: bool) -> str:
+    """``paths.root/checkpoints/<config hash>``; on ``--resume`` with none there, the newest unfinished
+    checkpoint of the same training under another hash (only the run length or reporting changed)."""
+    from sae_model.checkpoint import load_meta
+
+    base = local_path(cfg.paths.root) / "checkpoints"
+    own = base / cfg.hash()
+    if resume and load_meta(own) is None and base.is_dir():
+        fingerprint = cfg.resume_fingerprint()
+        for d in sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True):
+            meta = load_meta(d)
+            if meta is not None and not meta.get("finished") and meta.get("fingerprint") == fingerprint:
+                log.info("resuming the checkpoint in %s (the same training with another run length)", d)
+                return str(d)
+    return str(own)
+
+
 def run(
     cfg: Config, resume: bool = False, checkpoint_dir: str | None = None, extra_tags: dict[str, str] | None = None
 ) -> dict:
@@ -53,7 +70,7 @@ def run(
 
     features = table_uri(cfg.paths.root, "features")
     items = table_uri(cfg.paths.root, "items")
-    ckpt = checkpoint_dir or str(local_path(cfg.paths.root) / "checkpoints" / cfg.hash())
+    ckpt = checkpoint_dir or checkpoint_dir_for(cfg, resume)
     record_config(cfg, "train")
     settings = MlflowSettings(
         tracking_uri=tracking_uri(cfg),
@@ -72,7 +89,7 @@ def run(
     kwargs = dict(
         model_cfg=cfg.model, pretrain_cfg=cfg.pretrain, finetune_cfg=cfg.finetune, train_cfg=cfg.train,
         features_uri=features, items_uri=items, mlflow_settings=settings, checkpoint_dir=ckpt,
-        resume=resume, fingerprint=cfg.hash(),
+        resume=resume, fingerprint=cfg.resume_fingerprint(),
     )
     dist_cfg = cfg.train.distributed
     started = time.perf_counter()
