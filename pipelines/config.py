@@ -42,6 +42,12 @@ SourceName = Literal["tag_genome", "mnist", "synthetic", "movielens_tags", "movi
 SOURCES: tuple[str, ...] = typing.get_args(SourceName)
 
 
+RESUME_FREE_KEYS = frozenset(
+    {"pretrain.epochs", "finetune.epochs", "train.progress", "train.threads", "train.reader_workers",
+     "train.auto_resume", "train.restart_on_bad_checkpoint"}
+)
+
+
 class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
 
@@ -449,6 +455,13 @@ class Config:
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def resume_fingerprint(self) -> str:
+        """The config hash without the keys a resumed training may change (``RESUME_FREE_KEYS``: how
+        long it runs and how it reports, not what it learns): a checkpoint of the same fingerprint
+        can be continued with, say, ``finetune.epochs=40`` after a run started with 5000."""
+        flat = {k: v for k, v in self.flat().items() if k not in RESUME_FREE_KEYS}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- loading

@@ -32,6 +32,24 @@ def manifest_hash(features_uri: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def checkpoint_dir_for(cfg: Config, resume: bool) -> str:
+    """``paths.root/checkpoints/<config hash>``; on ``--resume`` with none there, the newest unfinished
+    checkpoint of the same training under another hash (only the run length or reporting changed:
+    ``Config.resume_fingerprint``)."""
+    from sae_model.checkpoint import load_meta
+
+    base = local_path(cfg.paths.root) / "checkpoints"
+    own = base / cfg.hash()
+    if resume and load_meta(own) is None and base.is_dir():
+        fingerprint = cfg.resume_fingerprint()
+        for d in sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True):
+            meta = load_meta(d)
+            if meta is not None and not meta.get("finished") and meta.get("fingerprint") == fingerprint:
+                log.info("resuming the checkpoint in %s (the same training with another run length)", d)
+                return str(d)
+    return str(own)
+
+
 def mlflow_settings(
     cfg: Config, stage: str, extra_tags: dict[str, str] | None = None, ingest: Pinned | None = None
 ) -> Any:
@@ -75,8 +93,8 @@ def train_from_config(
 
     ``train.distributed.num_processes > 1`` trains through TorchDistributor on ``spark`` (the active
     session, which the caller owns); one process needs no session. ``checkpoint_dir`` defaults to
-    ``paths.root/checkpoints/<config hash>``, ``fingerprint`` (which checkpoints may be resumed) to the
-    config hash. ``init_from`` warm-starts from that model's weights and then skips pretraining.
+    :func:`checkpoint_dir_for`, ``fingerprint`` (which checkpoints may be resumed) to
+    ``Config.resume_fingerprint()`` (the config less its run-length and reporting keys). ``init_from`` warm-starts from that model's weights and then skips pretraining.
     ``ingest``: the version of the ingest set to train on (default: the current one, resolved once
     here, so ingests that publish meanwhile do not change what this run reads).
 
@@ -102,9 +120,9 @@ def train_from_config(
         features_uri=ingest.uri("features"),
         items_uri=ingest.uri("items"),
         mlflow_settings=mlflow_settings(cfg, stage, extra_tags, ingest),
-        checkpoint_dir=checkpoint_dir or str(local_path(cfg.paths.root) / "checkpoints" / cfg.hash()),
+        checkpoint_dir=checkpoint_dir or checkpoint_dir_for(cfg, resume),
         resume=resume,
-        fingerprint=cfg.hash() if fingerprint is None else fingerprint,
+        fingerprint=cfg.resume_fingerprint() if fingerprint is None else fingerprint,
         init_from=init_from,
     )
     started = time.perf_counter()

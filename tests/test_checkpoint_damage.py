@@ -131,3 +131,20 @@ def test_no_readable_checkpoint_stops_unless_asked_to_start_afresh(feats, tmp_pa
     got, want = ckpt.load_checkpoint(ck)[0]["model"], ckpt.load_checkpoint(tmp_path / "straight")[0]["model"]
     for k in want:  # afresh means afresh: the same weights as a run that never had a checkpoint
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+
+def test_resume_with_another_run_length_finds_the_training_it_continues(tmp_path):
+    """Case checkpoint-truncated resumes with ``finetune.epochs=40`` a run started with 5000: another
+    config hash, the same training. A change to what it learns (``finetune.lr``) is not found."""
+    from pipelines.training import checkpoint_dir_for
+    from pipelines.config import load_config
+
+    first = load_config(None, [f"paths.root={tmp_path}", "finetune.epochs=5000"])
+    again = load_config(None, [f"paths.root={tmp_path}", "finetune.epochs=40"])
+    other = load_config(None, [f"paths.root={tmp_path}", "finetune.epochs=40", "finetune.lr=0.5"])
+    assert first.hash() != again.hash() and first.resume_fingerprint() == again.resume_fingerprint()
+    old = tmp_path / "checkpoints" / first.hash()
+    ckpt.save_checkpoint(old, {"model": {}}, {"step": 3, "finished": False, "fingerprint": first.resume_fingerprint()})
+    assert checkpoint_dir_for(again, resume=True) == str(old)
+    assert checkpoint_dir_for(again, resume=False) == str(tmp_path / "checkpoints" / again.hash())
+    assert checkpoint_dir_for(other, resume=True) == str(tmp_path / "checkpoints" / other.hash())

@@ -108,12 +108,15 @@ def test_a_moved_root_scores_and_logs_in_its_new_place(store):
     assert r1.version == "1" and str(tmp / "dl1") in r1.local_dir
 
 
-def test_a_store_moved_without_its_artefacts_names_where_they_were(store):
+def test_a_store_moved_without_its_artefacts_names_where_they_were(store, caplog):
     tmp, _, _ = store
     (tmp / "b").mkdir()
     shutil.move(tmp / "a" / "mlflow.db", tmp / "b" / "mlflow.db")
     shutil.rmtree(tmp / "a")
-    mlflow.set_tracking_uri(tracking_uri(load_config(None, [f"paths.root={tmp / 'b'}"])))
+    with caplog.at_level("WARNING", logger="sae_model.tracking"):
+        mlflow.set_tracking_uri(tracking_uri(load_config(None, [f"paths.root={tmp / 'b'}"])))
+    assert f"its artefacts were in {tmp / 'a' / 'mlartifacts'}, which no longer exists" in caplog.text
+    assert f"copied to {tmp / 'b' / 'mlartifacts'}" in caplog.text
     with pytest.raises(ModelURIError, match=r"no saved autoencoder among its artefacts at .*copy that folder beside mlflow.db"):
         resolve_model("models:/sae@champion", download_to=str(tmp / "dl"))
 
