@@ -122,6 +122,8 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's CPU RNG state, plus ``device``'s CUDA RNG state on a CUDA device (uint8 tensors), for a
+    checkpoint."""
     out = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
@@ -129,6 +131,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore the RNG states ``rng_state`` saved; the CUDA state only on a CUDA device and when saved."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

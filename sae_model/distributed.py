@@ -23,6 +23,7 @@ FAILURES_DIR = "_failures"  # under the checkpoint directory: one file per rank 
 
 
 def failures_dir(checkpoint_dir: str | Path) -> Path:
+    """The directory under ``checkpoint_dir`` where each rank that raised leaves its traceback."""
     return Path(checkpoint_dir) / FAILURES_DIR
 
 

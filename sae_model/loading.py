@@ -26,6 +26,8 @@ WEIGHTS_FILE = "weights.pt"
 
 
 def save_model(model: StackedAutoencoder, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to directory ``path`` (created): its spec as JSON (with ``extra`` merged in) and its
+    weights as a CPU state dict via ``torch.save``. Returns ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     spec = dict(model.spec(), **(extra or {}))
@@ -36,6 +38,8 @@ def save_model(model: StackedAutoencoder, path: str | Path, extra: dict[str, Any
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> StackedAutoencoder:
+    """The model saved by ``save_model`` in ``path``, on ``device``, in eval mode. Raises FileNotFoundError
+    when the spec or weights file is missing."""
     path = Path(path)
     if not (path / SPEC_FILE).exists() or not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path}: not a saved model (expected {SPEC_FILE} and {WEIGHTS_FILE})")
@@ -70,10 +74,14 @@ class Encoder:
         return self.model.code_width
 
     def layer_width(self, layer: int = -1) -> int:
+        """Width of ``layers[layer]`` (-1: the code)."""
         return self.model.layers[-1 if layer == -1 else layer]
 
     @torch.inference_mode()
     def encode(self, x: np.ndarray, layer: int = -1, batch_size: int = 65536) -> np.ndarray:
+        """Codes of ``x`` (float32 array (n, input_width)) as a float32 array (n, width of ``layer``),
+        ``layer`` -1 being the code, in batches of ``batch_size`` rows. Raises ValueError when ``x`` is not
+        2-D of the input width."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.input_width:
             raise ValueError(f"expected rows of width {self.input_width}, got an array of shape {x.shape}")
@@ -85,6 +93,8 @@ class Encoder:
 
     @torch.inference_mode()
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """The model's reconstruction of ``x`` (float32 array (n, input_width)) as a float32 array of the same
+        shape, in one batch."""
         xb = _tensor(np.asarray(x, dtype=np.float32)).to(self.device)
         return self.model(xb).float().cpu().numpy()
 

@@ -32,6 +32,8 @@ def init_weights(model: StackedAutoencoder, scheme: str, generator: torch.Genera
 
 
 def make_activation(name: str) -> nn.Module:
+    """A new activation module for ``name`` (sigmoid, relu, gelu or linear). Raises ValueError on any other
+    name."""
     try:
         return _ACTIVATIONS[name]()
     except KeyError:
@@ -105,6 +107,7 @@ class StackedAutoencoder(nn.Module):
         return self.decoders[0](z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct ``x``: float tensor (batch, d0) -> encode -> decode -> (batch, d0)."""
         return self.decode(self.encode(x))
 
     def spec(self) -> dict[str, Any]:
@@ -118,6 +121,9 @@ class StackedAutoencoder(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> StackedAutoencoder:
+        """A new, untrained model from ``spec()``'s dict (layers and activations; missing activations default
+        to sigmoid, linear code, sigmoid output). Raises KeyError without ``layers``, ValueError as the
+        constructor does."""
         return cls(
             layers=list(spec["layers"]),
             activation=spec.get("activation", "sigmoid"),

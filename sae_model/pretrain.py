@@ -73,13 +73,17 @@ class DecoderBiasInit:
         self.rows = rows
 
     def on_stage_start(self, trainer, stage) -> None:  # noqa: ANN001 - sae_model.trainer's Trainer, Stage
+        """Set the stage's decoder bias from up to ``rows`` unshuffled training rows, for a pretraining stage
+        with no epoch in the history yet."""
         if stage.kind != "pretrain" or any(h["stage_index"] == stage.index for h in trainer.history):
             return
         xb = next(iter(trainer.source.batches("train", self.rows, shuffle=False)), None)
         if xb is not None:
             init_decoder_bias(trainer.model, stage.layer, inputs_for_layer(trainer.model, xb, stage.layer))
 
-    def on_epoch_end(self, trainer, stage, record) -> None: ...  # noqa: ANN001
+    def on_epoch_end(self, trainer, stage, record) -> None:
+        """Nothing to do after an epoch."""
+        ...  # noqa: ANN001
 
 
 def autoencoder_step(

@@ -30,6 +30,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def log_params(params: dict[str, Any]) -> None:
+    """Log ``params`` to the active MLflow run, each value as a string cut to ``MAX_PARAM_LEN`` characters,
+    100 per call."""
     import mlflow
 
     clean = {k: str(v)[:MAX_PARAM_LEN] for k, v in params.items()}
@@ -90,12 +92,15 @@ def codes_scatter_png(codes: np.ndarray, labels: np.ndarray | None, path: Path, 
 
 
 def log_text(text: str, name: str) -> None:
+    """Log ``text`` as the artefact ``name`` of the active MLflow run."""
     import mlflow
 
     mlflow.log_text(text, name)
 
 
 def log_figures(history: list[dict[str, Any]], codes: np.ndarray | None, labels: np.ndarray | None) -> None:
+    """Log the loss curves of ``history`` and, when ``codes`` is a non-empty float array (n, 2), their scatter
+    coloured by ``labels`` (n,), as PNGs under ``plots/`` of the active MLflow run."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:

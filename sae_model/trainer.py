@@ -100,6 +100,9 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of a run: a pretraining level (``layer``) or fine-tuning (``layer`` None), with its epochs
+    and batch size in rows."""
+
     index: int
     kind: str  # "pretrain" | "finetune"
     layer: int | None  # pretraining level, None for fine-tuning
@@ -113,6 +116,8 @@ class Stage:
 
 @dataclass
 class EpochRecord:
+    """One finished epoch of one stage: train and validation loss, and its wall time in seconds."""
+
     stage_index: int
     stage_name: str
     epoch: int
@@ -121,6 +126,7 @@ class EpochRecord:
     seconds: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (the entry ``Trainer.history`` and the checkpoint keep)."""
         return dict(self.__dict__)
 
 
@@ -139,6 +145,9 @@ class MlflowSettings:
 
 @dataclass
 class TrainResult:
+    """What ``train`` returns: the registered model's URI, run and version (None when not logged or
+    registered), the final metrics, the checkpoint directory, the model and the health verdict."""
+
     model_uri: str | None
     run_id: str | None
     model_version: str | None
@@ -153,14 +162,21 @@ class Callback:
     """Hooks the trainer calls; all optional. Callbacks travel to the ranks of distributed training
     with the ``TrainRequest``, so they must pickle."""
 
-    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first stage of ``fit`` (also when resuming)."""
+        ...
 
-    def on_stage_start(self, trainer: Trainer, stage: Stage) -> None: ...
+    def on_stage_start(self, trainer: Trainer, stage: Stage) -> None:
+        """Before the first epoch run of ``stage``, after its optimizer is made (also when resuming into it)."""
+        ...
 
     def on_checkpoint(self, trainer: Trainer, stage: Stage, epoch: int, finished: bool) -> None:
         """After rank 0 wrote the checkpoint of ``epoch`` of ``stage`` (``finished``: the last one)."""
 
-    def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None:
+        """After ``record``'s epoch of ``stage``, before its checkpoint is written; ``trainer.history``
+        already holds it."""
+        ...
 
 
 # ---------------------------------------------------------------- checks and set-up
@@ -177,6 +193,8 @@ def check_settings(model_cfg: ModelConfig, pretrain_cfg: PretrainConfig, finetun
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``train.device``: "auto" is CUDA when available, else CPU. Raises
+    ``TrainingError`` for "cuda" without a CUDA device; torch raises RuntimeError on an unknown name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -185,6 +203,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
+    """A new ``StackedAutoencoder`` for ``model_cfg``, its weights drawn by ``model.init`` from ``seed``
+    (seeds torch's global RNG too). Raises ValueError on too few layers, an unknown activation or init
+    scheme."""
     torch.manual_seed(seed)
     model = StackedAutoencoder(
         list(model_cfg.layers), model_cfg.activation, model_cfg.code_activation, model_cfg.output_activation
@@ -194,6 +215,8 @@ def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+    """Adam when ``kind`` is "adam", else SGD with ``momentum``; ``wd`` is the L2 weight decay. Fused when
+    every parameter is float32/float64 on CPU or CUDA."""
     # Fused: one multi-threaded pass over all parameters instead of a Python loop of small kernels
     # per tensor (0.6 ms of a 23 ms step for 1128-1000-500-250-2 on two cores).
     fused = all(q.dtype in (torch.float32, torch.float64) and q.device.type in ("cpu", "cuda") for q in params)
@@ -203,6 +226,8 @@ def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momen
 
 
 def reconstruction_loss(model: StackedAutoencoder, x: torch.Tensor, z: torch.Tensor, bce: bool) -> torch.Tensor:
+    """Mean reconstruction loss of input ``x`` (float tensor (batch, d0)) from codes ``z`` (batch, dL): binary
+    cross-entropy on the decoder's logits when ``bce``, else mean squared error. A 0-d tensor."""
     if bce:
         return F.binary_cross_entropy_with_logits(model.decode_logits(z), x)
     return F.mse_loss(model.decode(z), x)
@@ -268,6 +293,10 @@ def graph_loss(
 
 
 class Trainer:
+    """Runs the stages of one model on one data source: optimizers, epochs, validation loss, divergence
+    checks, checkpoints and callbacks, on one rank of ``world_size``. Raises ValueError when
+    ``finetune.neighbor_graph=global`` meets streamed or distributed data."""
+
     def __init__(
         self,
         model: StackedAutoencoder,
@@ -309,6 +338,8 @@ class Trainer:
     # ---- stages
 
     def stages(self) -> list[Stage]:
+        """The run's stages in order: one pretraining stage per layer (unless ``pretrain.method`` is "none" or
+        its epochs are 0), then fine-tuning."""
         out: list[Stage] = []
         if self.pre.method != "none" and self.pre.epochs > 0:
             for layer in range(self.model.depth):
@@ -360,6 +391,8 @@ class Trainer:
         }
 
     def save(self, stage: Stage, epoch: int, finished: bool = False) -> None:
+        """Write the atomic checkpoint after ``epoch`` of ``stage`` (weights, optimizer, RNG, history,
+        fingerprint) and call each callback's ``on_checkpoint``; only rank 0 writes, the others return."""
         if self.rank != 0:
             return
         meta = {
@@ -564,6 +597,9 @@ class Trainer:
         return total / count if count else float("nan")
 
     def fit(self, start: tuple[int, int] | None = None) -> None:
+        """Run every stage from ``start`` (stage index, epoch; None: the beginning) with subnormals flushed to
+        zero, checkpointing after each epoch and once more when finished. Raises ``TrainingDiverged`` when
+        a train or validation loss is NaN/Inf."""
         with flush_denormals():
             self._fit(start)
 
@@ -639,6 +675,7 @@ class MlflowCallback(Callback):
     """Per-epoch train/validation loss per stage (``pretrain/layer0/train_loss``, ``finetune/val_loss``)."""
 
     def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None:
+        """Log the epoch's train and validation loss under the stage's name, step = epoch + 1."""
         import mlflow
 
         mlflow.log_metrics(
@@ -648,10 +685,13 @@ class MlflowCallback(Callback):
 
 
 class FunctionCallback(Callback):
+    """A callback that calls ``fn(trainer, stage, record)`` at the end of each epoch."""
+
     def __init__(self, fn: Callable[[Trainer, Stage, EpochRecord], None]) -> None:
         self.fn = fn
 
     def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None:
+        """Call ``fn`` with this epoch's trainer, stage and record."""
         self.fn(trainer, stage, record)
 
 
