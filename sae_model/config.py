@@ -16,6 +16,8 @@ NEIGHBOUR_LOSSES: tuple[str, ...] = get_args(NeighbourLoss)
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """``model.*``: layer widths and activations of the stacked autoencoder, and its weight init."""
+
     # Input width first, code width last; the decoder mirrors the encoder.
     layers: list[int] = field(default_factory=lambda: [784, 1000, 500, 250, 2])
     activation: Literal["sigmoid", "relu", "gelu"] = "sigmoid"
@@ -35,6 +37,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    """``pretrain.*``: layer-wise pretraining (autoencoders, or RBMs as Hinton & Salakhutdinov 2006) and its
+    optimiser."""
+
     method: Literal["autoencoder", "rbm", "none"] = "autoencoder"
     epochs: int = 15
     lr: float = 0.1
@@ -65,6 +70,9 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    """``finetune.*``: fine-tuning of the unrolled net: optimiser, and the reconstruction or neighbour loss
+    (parametric t-SNE, van der Maaten 2009; UMAP, McInnes et al. 2018)."""
+
     epochs: int = 5
     lr: float = 0.01
     momentum: float = 0.9
@@ -138,6 +146,9 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
+    """``train.distributed.*``: how many training processes, where they run, and the collective timeout in
+    seconds."""
+
     # > 1: TorchDistributor runs that many training processes (gloo on CPU, nccl on GPUs).
     num_processes: int = 1
     use_gpu: bool = False
@@ -155,6 +166,8 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """``train.*``: seed, validation split, device, data path (in memory or streamed) and resume behaviour."""
+
     seed: int = 42
     # Share of items (by a hash of item_id) held out for validation.
     val_fraction: float = 0.1

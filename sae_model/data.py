@@ -58,6 +58,8 @@ def to_uri(path: str | Path) -> str:
 
 
 def local_dir(uri: str) -> Path:
+    """The local directory of table ``uri`` (a ``file://`` URI or a plain path). Raises ``DataError`` for any
+    other scheme."""
     if uri.startswith("file://"):
         return Path(uri[len("file://") :])
     if "://" in uri:
@@ -84,6 +86,9 @@ def is_validation(item_ids: np.ndarray, val_fraction: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TableInfo:
+    """A features table's URI, row count, feature width, float32 size of its feature matrix in bytes, and
+    manifest."""
+
     uri: str
     rows: int
     dim: int
@@ -208,6 +213,8 @@ class InMemorySource:
             yield xb
 
     def validation_arrays(self) -> tuple[np.ndarray, torch.Tensor]:
+        """The validation rows: their item ids (int64 array (n,)) and features (float32 tensor (n, d) on the
+        device)."""
         return self.val_ids, self.val
 
 
@@ -434,6 +441,8 @@ class StreamingSource:
                 yield xb.to(self.device, non_blocking=True)
 
     def validation_arrays(self) -> tuple[np.ndarray, torch.Tensor]:
+        """The validation rows, read through every row group of the table: their item ids (int64 array (n,))
+        and features (float32 tensor (n, d) on the device)."""
         ids, xs = [], []
         with row_groups(self.uri, False, 0, 1, cache=self.cache) as groups:
             for g_ids, x in groups:

@@ -98,18 +98,25 @@ class PCA(_SklearnPCA):
         super().__init__(n_components=int(n_components), svd_solver="full")
 
     def fit(self, x: Any, y: Any = None) -> PCA:
+        """Fit on ``x`` (array-like (n_items, n_dims), taken as float64); ``y`` is ignored. Raises ValueError
+        when ``x`` is not 2-D or ``n_components`` exceeds min(n_items, n_dims)."""
         x = _as_2d_float64(x, "x")
         if self.n_components > min(x.shape):
             raise ValueError(f"n_components={self.n_components} exceeds min(n_items, n_dims)={min(x.shape)}")
         return super().fit(x)
 
     def transform(self, x: Any) -> np.ndarray:
+        """Project ``x`` (array-like (n, n_dims)) onto the components: float64 array (n, n_components). Raises
+        ValueError when ``x`` is not 2-D."""
         return super().transform(_as_2d_float64(x, "x"))
 
     def inverse_transform(self, z: Any) -> np.ndarray:
+        """Map ``z`` (array-like (n, n_components)) back to the input space: float64 array (n, n_dims). Raises
+        ValueError when ``z`` is not 2-D."""
         return super().inverse_transform(_as_2d_float64(z, "z"))
 
     def fit_transform(self, x: Any, y: Any = None) -> np.ndarray:
+        """``fit(x)`` then ``transform(x)``: float64 array (n_items, n_components)."""
         return self.fit(x).transform(x)
 
 
@@ -444,6 +451,9 @@ MAPS_PNG = "maps.png"
 
 @dataclass
 class Evaluation:
+    """What ``evaluate`` returns: flat metrics for MLflow, the path of the side-by-side maps PNG (None when
+    not drawn) and the kind of labels used."""
+
     metrics: dict[str, float]  # flat, ready for MLflow: ae_*, pca_*, umap_*, n_*
     figure: Path | None  # the side-by-side maps PNG
     label_kind: str  # "label" | "genres" | "none"
