@@ -14,6 +14,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Alignment:
+    """A similarity transform found by ``procrustes``: rotation (float (d, d), orthogonal), scale, translation
+    (float (d,)), the RMS residual over the shared items in map units, and how many items were shared."""
+
     rotation: np.ndarray  # (d, d) orthogonal
     scale: float
     translation: np.ndarray  # (d,)
@@ -21,6 +24,8 @@ class Alignment:
     shared: int
 
     def apply(self, codes: np.ndarray) -> np.ndarray:
+        """Map ``codes`` (array (n, d)) into the previous map's frame: ``scale * codes @ rotation +
+        translation``, computed in float64 and returned as float32 (n, d)."""
         return (self.scale * np.asarray(codes, dtype=np.float64) @ self.rotation + self.translation).astype(
             np.float32
         )

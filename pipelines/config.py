@@ -54,6 +54,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SyntheticConfig:
+    """data.synthetic.*: the generated Tag Genome-like data set (source=synthetic): sizes, seed, defect rate."""
+
     items: int = 2000
     tags: int = 64
     genres: int = 8
@@ -286,6 +288,8 @@ def _check_date(value: str, key: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """data.*: which source ingest reads, from where, and each source's own settings."""
+
     source: SourceName = "mnist"
     # A directory or a file; relative paths are resolved against the working directory.
     input: str = "data/mnist"
@@ -310,6 +314,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PathsConfig:
+    """paths.*: the root directory of every output of one pipeline."""
+
     # Every output of one pipeline lives under this root: features/, items/, codes/, ...
     root: str = "out/default"
 
@@ -329,6 +335,8 @@ class PublishConfig:
 
 @dataclass(frozen=True)
 class SparkConfig:
+    """spark.*: the Spark session's master, app name, driver memory, shuffle partitions and extra conf."""
+
     master: str = "local[*]"
     app_name: str = "sae"
     driver_memory: str = "4g"
@@ -338,6 +346,8 @@ class SparkConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
+    """infer.*: which model scores, and how neighbours are searched and maps drawn."""
+
     # MLflow model URI; empty = the registered model's `champion` alias, else the pipeline's latest run.
     model_uri: str = ""
     # Publish a model whose training run is tagged unhealthy (collapsed map, dead loss); `sae infer --force`.
@@ -380,6 +390,8 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class MlflowConfig:
+    """mlflow.*: tracking store, experiment and registered model name."""
+
     # Empty = sqlite:///<paths.root>/mlflow.db (MLflow 3 refuses a file: store).
     tracking_uri: str = ""
     experiment: str = "sae"
@@ -420,6 +432,8 @@ class NightlyConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The root config of every job: one section per part of the pipeline."""
+
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -434,9 +448,11 @@ class Config:
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (``dataclasses.asdict``)."""
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
+        """The config as YAML, keys in declaration order."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def flat(self) -> dict[str, Any]:
@@ -454,6 +470,8 @@ class Config:
         return out
 
     def hash(self) -> str:
+        """The first 16 hex digits of the SHA-256 of the config's sorted-key JSON: equal configs, equal
+        hashes."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def resume_fingerprint(self) -> str:
@@ -468,6 +486,7 @@ class Config:
 
 
 def presets() -> list[str]:
+    """The names of the preset files in ``conf/presets`` (without ``.yaml``), sorted."""
     return sorted(p.stem for p in (conf_dir() / "presets").glob("*.yaml"))
 
 

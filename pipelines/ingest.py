@@ -31,6 +31,7 @@ TABLES = ["features", "items", "quarantine"]
 
 
 def source_for(cfg: Config) -> Source:
+    """The ingest ``Source`` registered for ``data.source``. Raises ``InputError`` when none is."""
     try:
         return SOURCES[cfg.data.source]
     except KeyError:
@@ -91,6 +92,12 @@ def read_failure(exc: BaseException) -> str | None:
 
 
 def publish_result(spark: SparkSession, result: SourceResult, cfg: Config) -> dict[str, Any]:
+    """Write ``result`` as a new version of the ``ingest`` set under ``paths.root`` (``features``: item_id
+    long, features array<float>; ``items``; ``quarantine``: source_file, raw, reason strings; and the
+    source's extra tables) and return the features manifest, also written as ``features/_manifest.json``.
+    Raises ``SchemaError`` when a table lacks its contracted columns, or the features have mixed widths,
+    null/NaN elements or repeated ids; RuntimeError when rows in != rows used + quarantined. Nothing is
+    published on error."""
     check_columns(result.features, FEATURES, "features")
     check_columns(result.quarantine, QUARANTINE, "quarantine")
     if "item_id" not in result.items.columns:

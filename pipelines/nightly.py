@@ -66,6 +66,8 @@ class NightState:
 
     @classmethod
     def load(cls, root: str, date: str) -> NightState:
+        """The state of night ``date`` from ``<root>/nightly/<date>.json``, or a new one when the file does
+        not exist. ``root`` must be local."""
         path = local_path(root) / "nightly" / f"{date}.json"
         if not path.exists():
             return cls(path=path, date=date)
@@ -74,6 +76,7 @@ class NightState:
         return cls(path=path, **data)
 
     def save(self) -> None:
+        """Write the state as JSON to ``path`` atomically (a temporary file, then ``os.replace``)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in asdict(self).items() if k != "path"}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
@@ -81,6 +84,7 @@ class NightState:
         os.replace(tmp, self.path)
 
     def pending(self) -> list[str]:
+        """The steps of ``STEPS`` not completed yet, in order."""
         return [s for s in STEPS if s not in self.completed]
 
 
@@ -90,6 +94,7 @@ def lock_path(cfg: Config) -> str:
 
 
 def night_date(cfg: Config) -> str:
+    """The night's date as ``YYYY-MM-DD``: ``nightly.date`` if set, else today in UTC."""
     return cfg.nightly.date or dt.datetime.now(dt.UTC).date().isoformat()
 
 
@@ -392,6 +397,7 @@ def set_champion(cfg: Config, version: str) -> None:
 
 
 def alignment_to_json(al: Alignment) -> str:
+    """``al`` as JSON (rotation and translation as nested lists), for the night's state file."""
     return json.dumps(
         {
             "rotation": al.rotation.tolist(), "scale": al.scale, "translation": al.translation.tolist(),
@@ -401,6 +407,8 @@ def alignment_to_json(al: Alignment) -> str:
 
 
 def alignment_from_json(text: str) -> Alignment:
+    """The ``Alignment`` ``alignment_to_json`` wrote (rotation and translation as float64 arrays). Raises
+    KeyError on a missing field."""
     d = json.loads(text)
     return Alignment(np.array(d["rotation"]), float(d["scale"]), np.array(d["translation"]), float(d["residual"]), int(d["shared"]))
 
@@ -537,6 +545,8 @@ def score_and_publish(
 
 
 def report_text(state: NightState, cfg: Config) -> str:
+    """The night's Markdown report from ``state.results``: what was ingested, both models' holdout metrics,
+    the promotion decision and the map drift."""
     r = state.results
     ing, tr, ev, pr, pub = (r.get(s, {}) for s in ("ingest", "train", "evaluate", "promote", "publish"))
     lines = [

@@ -62,10 +62,12 @@ STEPS = ("staged", "pointer", "history", "links", "cleaned")
 
 
 def is_local(path: str) -> bool:
+    """True when ``path`` is a plain path or a ``file://`` URI."""
     return "://" not in path or path.startswith("file://")
 
 
 def local_path(path: str) -> Path:
+    """The absolute local path of ``path`` (a plain path or a ``file://`` URI)."""
     return Path(path[len("file://") :] if path.startswith("file://") else path).absolute()
 
 
@@ -81,6 +83,8 @@ def _join(root: str, *parts: str) -> str:
 
 
 def set_dir(root: str, set_name: str) -> str:
+    """The directory holding every published version of ``set_name`` under ``root``
+    (``<root>/.sets/<set_name>``)."""
     return _join(root, SETS_DIR, set_name)
 
 
@@ -251,6 +255,8 @@ class Pinned:
         return f"file://{p}" if is_local(self.root) else p
 
     def exists(self, table: str, spark: Any = None) -> bool:
+        """True when ``table`` of this version exists (on the local or Hadoop file system). Raises KeyError
+        when ``table`` belongs to another set."""
         return _fs(self.root, spark).exists(self.path(table))
 
 

@@ -27,6 +27,8 @@ class Range:
     integer: bool = False
 
     def draw(self, rng: random.Random) -> int | float:
+        """One value drawn from ``rng``: uniform, or log-uniform when ``log``; rounded to an int when
+        ``integer``."""
         if self.log:
             v = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
         else:
