@@ -29,6 +29,9 @@ class InputError(ValueError):
 
 @dataclass
 class SourceResult:
+    """What a source's ``read`` returns: the ``features``, ``items`` and ``quarantine`` DataFrames (schemas in
+    the comments below), feature names, input files, row counters and extra manifest entries and tables."""
+
     # item_id long (unique), features array<float> of width len(feature_names)
     features: DataFrame
     # item_id long + whatever metadata the source has (title, genres, label, ...)
@@ -54,6 +57,9 @@ class SourceResult:
 
 @dataclass(frozen=True)
 class Source:
+    """A registered ingest source: ``check(cfg)`` checks the input before any output is touched (raises
+    ``InputError``), ``read(spark, cfg)`` builds its ``SourceResult``."""
+
     check: Callable[[Any], None]
     read: Callable[[Any, Any], SourceResult]
 
@@ -62,4 +68,6 @@ SOURCES: dict[str, Source] = {}
 
 
 def register(name: str, check: Callable[[Any], None], read: Callable[[Any, Any], SourceResult]) -> None:
+    """Register ``check`` and ``read`` as the source ``data.source=name`` selects, replacing any earlier one
+    of that name."""
     SOURCES[name] = Source(check=check, read=read)

@@ -73,6 +73,8 @@ def _is_archive(path: str) -> bool:
 
 
 def layout(cfg) -> str:
+    """The input layout of ``data.text``: its ``layout`` when not "auto"; else "folders" for a local folder
+    without table files or a ``.tar``/``.tar.gz`` archive, "table" otherwise."""
     tc = cfg.data.text
     if tc.layout != "auto":
         return tc.layout
@@ -263,6 +265,11 @@ def vectors(model: PipelineModel, docs: DataFrame, tc) -> DataFrame:
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """Documents -> bag-of-words vectors with Spark ML (``RegexTokenizer``, ``StopWordsRemover``,
+    ``CountVectorizer``, ``IDF`` for tf-idf): features item_id long, features array<float> over the
+    vocabulary; items with doc, label, split and title; rejected documents and those without a vocabulary
+    word quarantined. Raises ``InputError`` when the input cannot be read, no usable document is left to
+    fit the vocabulary on, or the vocabulary is empty."""
     tc = cfg.data.text
     docs, files = load_docs(spark, cfg)
     docs = clean(docs, tc).persist(StorageLevel.MEMORY_AND_DISK)

@@ -66,6 +66,9 @@ STATE = T.StructType(
 
 
 def check(cfg) -> None:
+    """Check the ``data.events`` settings before reading: a known or inferable table format and both
+    ``entity_column`` and ``token_column`` set. Raises ``InputError`` otherwise (also when the input path
+    does not exist or holds no data files)."""
     ec = cfg.data.events
     table_format(cfg.data.input, ec.format, "data.events.format")
     if not ec.entity_column or not ec.token_column:
@@ -83,6 +86,8 @@ def _read(spark: SparkSession, path: str, fmt: str, cfg) -> DataFrame:
 
 
 def read_state(spark: SparkSession, root: str) -> DataFrame | None:
+    """The published incremental state table under ``root`` (``STATE``: kind, item_id long, source_id, token,
+    w double, n long, key long, load strings), or None when there is none yet."""
     path = table_path(root, STATE_TABLE)
     return spark.read.schema(STATE).parquet(current_path(root, STATE_TABLE)) if path_exists(spark, path) else None
 
@@ -184,6 +189,12 @@ def weighted(pairs: DataFrame, vocab: list[tuple[str, int, int]], ec) -> DataFra
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """Events -> one vector per entity over its ``top_k`` tokens (weighted as ``data.events.weighting``, e.g.
+    tf-idf as scikit-learn's ``TfidfTransformer``, BM25 as Robertson & Zaragoza 2009), merged with earlier
+    loads when incremental: features item_id long, features array<float>; items item_id, source_id;
+    quarantined events with their reason; the new state as an extra table. Raises ``InputError`` on an
+    unreadable input or missing columns, when no partition is left to load, or when no token has
+    ``min_support`` events."""
     ec = cfg.data.events
     fmt = table_format(cfg.data.input, ec.format, "data.events.format")
     state = read_state(spark, cfg.paths.root) if ec.incremental else None

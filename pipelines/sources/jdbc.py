@@ -38,6 +38,7 @@ def safe_url(url: str) -> str:
 
 
 def what(jc) -> str:
+    """"table 'name'" or "query '...'" for ``data.jdbc``, for log lines and errors."""
     return f"table {jc.table!r}" if jc.table else f"query {jc.query!r}"
 
 
@@ -66,6 +67,8 @@ def credentials(jc) -> tuple[str | None, str | None]:
 
 
 def check(cfg) -> None:
+    """Check ``data.jdbc`` before connecting: a ``jdbc:`` URL, a table or a query, an existing driver jar and
+    readable credentials. Raises ``InputError`` naming the key otherwise (never the credentials)."""
     jc = cfg.data.jdbc
     if not jc.url.startswith("jdbc:"):
         raise InputError(f"data.jdbc.url: expected jdbc:<driver>://host/db, got {safe_url(jc.url)!r}")
@@ -172,6 +175,9 @@ def cause(exc: Exception, secret: str | None) -> str:
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """Read the table or query over JDBC and shape it (wide, long or array; ``pipelines.sources.shaping``)
+    into features item_id long, features array<float>, items and quarantine. Raises ``InputError`` when the
+    database is unreachable, the query fails, or a named column is missing or not an array."""
     jc = cfg.data.jdbc
     table = load_table(spark, jc)
     log.info("jdbc: reading %s from %s (%s shape)", what(jc), safe_url(jc.url), jc.shape)

@@ -138,6 +138,10 @@ def movies_file(input_dir: str) -> str | None:
 
 
 def check_logs(cfg, stem: str, header: tuple[str, ...]) -> None:
+    """Check the ``<stem>`` logs under ``data.input`` (and ``movies.csv`` if present) before Spark reads them:
+    each file's header equals ``header`` with a data line after it and each ``.gz`` file reads to its end.
+    Raises ``InputError`` naming the file otherwise, or when no ``<stem>.csv`` or ``date=`` partition is
+    found."""
     for _, files in find_loads(cfg.data.input, stem, cfg.data.since):
         for f in files:
             check_header(f, header)
@@ -149,6 +153,8 @@ def check_logs(cfg, stem: str, header: tuple[str, ...]) -> None:
 
 
 def since_epoch(since: str) -> int | None:
+    """``data.since`` (``YYYY-MM-DD``) as Unix seconds at 00:00 UTC, or None when empty. Raises ValueError on
+    another format."""
     if not since:
         return None
     return int(dt.datetime.combine(dt.date.fromisoformat(since), dt.time(), dt.UTC).timestamp())
@@ -467,6 +473,7 @@ def unused_valid(events: DataFrame, with_vector: DataFrame, ent: str, reason: st
 
 
 def bad_events(events: DataFrame) -> DataFrame:
+    """The events with a reason, as quarantine rows: source_file, raw, reason strings."""
     return events.filter(F.col("reason").isNotNull()).select("source_file", "raw", "reason")
 
 
@@ -521,6 +528,11 @@ def _new_events(spark: SparkSession, cfg, stem: str, header: tuple[str, ...], va
 
 
 def tags_result(spark: SparkSession, cfg) -> SourceResult:
+    """Tag applications -> one vector per movie over the ``vocab_size`` most applied tags with ``min_support``
+    applications, counts merged with earlier loads when incremental: features item_id long, features
+    array<float>; items with titles and genres when ``movies.csv`` is there; bad events and tags outside
+    the vocabulary quarantined; the new state as an extra table. Raises ``InputError`` when no tag has
+    ``min_support`` applications (and on unreadable input or another source's state)."""
     lc = cfg.data.logs
     events, state, loads, files, movies_lines, report = _new_events(spark, cfg, "tags", TAGS_HEADER, "tag")
     events = events.persist(StorageLevel.MEMORY_AND_DISK)
@@ -570,6 +582,10 @@ def tags_result(spark: SparkSession, cfg) -> SourceResult:
 
 
 def ratings_result(spark: SparkSession, cfg) -> SourceResult:
+    """Ratings -> user-mean-centred rating vectors per movie (``entity=item``) or per user, latest rating per
+    pair, merged with earlier loads when incremental: features item_id long, features array<float>; items;
+    bad events quarantined; the new state as an extra table. Raises ``InputError`` when no rating is valid
+    (and on unreadable input or another source's state)."""
     rc = cfg.data.ratings
     events, state, loads, files, movies_lines, report = _new_events(
         spark, cfg, "ratings", RATINGS_HEADER, "rating")
@@ -649,10 +665,12 @@ def _result(features, items, quarantine, names, files, events, state, extra, cac
 
 
 def check_tags(cfg) -> None:
+    """``check_logs`` for ``tags.csv`` logs (source=movielens_tags)."""
     check_logs(cfg, "tags", TAGS_HEADER)
 
 
 def check_ratings(cfg) -> None:
+    """``check_logs`` for ``ratings.csv`` logs (source=movielens_ratings)."""
     check_logs(cfg, "ratings", RATINGS_HEADER)
 
 

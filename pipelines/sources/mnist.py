@@ -113,6 +113,9 @@ def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
 
 
 def check(cfg) -> None:
+    """Check that every images and labels file under ``data.input`` starts with its idx magic number. Raises
+    ``InputError`` naming the file otherwise, or when the input is not local, does not exist or has no
+    images file with its labels file."""
     for _, img, lab in pairs(cfg.data.input):
         for path, magic in ((img, IMAGES_MAGIC), (lab, LABELS_MAGIC)):
             with open_input(path) as fh:
@@ -123,6 +126,9 @@ def check(cfg) -> None:
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """MNIST idx files -> features item_id long, features array<float> of height x width pixels scaled to [0,
+    1]; items with label int and split; images with a label above 9 quarantined. Raises ``InputError`` on a
+    truncated or malformed file, mismatched image and label counts, or images of different sizes."""
     splits, files = load(cfg.data.input, cfg.data.limit)
     frames, bad = [], []
     offset = 0

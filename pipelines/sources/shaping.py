@@ -92,6 +92,7 @@ def array_reason(arr: Column, column: str, dim: int) -> Column:
 
 
 def is_array(df: DataFrame, column: str) -> bool:
+    """True when ``column`` of ``df`` is an array column."""
     return isinstance(df.schema[column].dataType, T.ArrayType)
 
 

@@ -36,10 +36,12 @@ DEFECTS = ("incomplete", "malformed", "out_of_range", "duplicate", "non_numeric"
 
 
 def genre_names(n: int) -> list[str]:
+    """``n`` genre names: the built-in ones first, then ``Genre<i>``."""
     return [GENRES[i] if i < len(GENRES) else f"Genre{i + 1}" for i in range(n)]
 
 
 def tag_names(n: int) -> list[tuple[int, str]]:
+    """``n`` tags as (tagId, name) pairs: ``(1, "tag0001")``, ``(2, "tag0002")``, ..."""
     return [(t + 1, f"tag{t + 1:04d}") for t in range(n)]
 
 
@@ -131,16 +133,21 @@ def long_lines(spark: SparkSession, sc: SyntheticConfig) -> DataFrame:
 
 
 def movies_lines(spark: SparkSession, sc: SyntheticConfig) -> DataFrame:
+    """The synthetic items as ``movies.csv`` lines: movieId, title, genres (``|``-joined), all strings."""
     return items(spark, sc).select(
         F.col("item_id").cast("string").alias("movieId"), "title", F.array_join("genres", "|").alias("genres")
     )
 
 
 def check(cfg) -> None:  # nothing to read
+    """Nothing to check: the data is generated."""
     return None
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """Generate the synthetic set: features item_id long, features array<float> of width ``tags``; items with
+    title, genres and primary_genre; with ``defect_rate`` > 0 the long lines go through the Tag Genome
+    validation, so defects are quarantined. ``data.limit`` caps the items."""
     sc = cfg.data.synthetic
     tags = tag_names(sc.tags)
     desc = [f"synthetic:items={sc.items},tags={sc.tags},genres={sc.genres},seed={sc.seed},defects={sc.defect_rate}"]

@@ -219,6 +219,11 @@ def latest_rows(table: DataFrame, id_col: str, origin: str) -> tuple[DataFrame, 
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """Any Spark-readable table (or its ``date=`` partitions) -> features item_id long, features array<float>,
+    items and quarantine, shaped by ``pipelines.sources.shaping``, merged with the published tables when
+    partitions are loaded incrementally. Raises ``InputError`` on an unknown or unreadable format, a
+    missing input, id or label column, no partition to load, or new partitions whose features differ from
+    the published ones."""
     tc = cfg.data.table
     fmt = table_format(cfg.data.input, tc.format, "data.table.format")
     origin = cfg.data.input

@@ -60,6 +60,8 @@ MOVIES_DUPLICATE = "duplicate movieId in movies.csv"
 
 
 def files(input_dir: str) -> dict[str, str]:
+    """Paths of the scores, tags and movies CSV files under ``input_dir`` (each under one of its accepted
+    names). Raises ``InputError`` when a local directory or file is missing."""
     return {
         "scores": find_file(input_dir, SCORES_NAMES),
         "tags": find_file(input_dir, TAGS_NAMES),
@@ -68,6 +70,8 @@ def files(input_dir: str) -> dict[str, str]:
 
 
 def check(cfg) -> None:
+    """Check the three Tag Genome files before Spark reads them: exact headers with data lines after them, and
+    each ``.gz`` file readable to its end. Raises ``InputError`` naming the file otherwise."""
     f = files(cfg.data.input)
     for kind, header in (("scores", SCORES_HEADER), ("tags", TAGS_HEADER), ("movies", MOVIES_HEADER)):
         check_header(f[kind], header)
@@ -75,6 +79,9 @@ def check(cfg) -> None:
 
 
 def read(spark: SparkSession, cfg) -> SourceResult:
+    """Tag Genome scores -> one vector per movie ordered by tagId: features item_id long, features
+    array<float> of width the number of tags; items from ``movies.csv``; malformed lines and movies without
+    every tag exactly once quarantined. Raises ``InputError`` on a missing file or a bad tags file."""
     f = files(cfg.data.input)
     tags = load_tags(spark, f["tags"])
     lines = read_scores(spark, f["scores"])
