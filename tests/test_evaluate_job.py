@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -57,10 +58,13 @@ def trained(tmp_path_factory) -> dict:
         "pretrain.lr=1.0", "pretrain.batch_size=20", "finetune.epochs=20",
         "finetune.batch_size=20", "finetune.optimizer=adam", "finetune.lr=0.01",
         f"train.val_fraction={VAL}", "train.seed=1", "train.progress=false", "mlflow.registered_model=",
-        "evaluate.umap=true",  # umap-learn is not installed here: skipped with a note, nothing fails
+        "evaluate.umap=true",  # umap-learn made absent below: skipped with a note, nothing fails
     ]
     cfg = load_config(None, overrides)
-    out = run(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        # umap-learn may be installed (benchmarks/reproduce_tag_genome.py uses it): import it as absent.
+        mp.setitem(sys.modules, "umap", None)
+        out = run(cfg)
     return {"root": root, "cfg": cfg, "overrides": overrides, "out": out}
 
 
