@@ -258,7 +258,8 @@ class HealthCallback:
     def on_stage_start(self, trainer: Any, stage: Any) -> None: ...
 
     def on_epoch_end(self, trainer: Any, stage: Any, record: Any) -> None:
-        if stage.kind != "pretrain" or record.epoch != stage.epochs - 1:
+        # Only the autoencoder's stages minimise this loss; an RBM's reconstruction is a by-product.
+        if stage.kind != "pretrain" or record.epoch != stage.epochs - 1 or trainer.pre.method != "autoencoder":
             return
         x = layer_input_sample(trainer, stage.layer, self.sample_rows)
         if x is None or x.shape[0] < 2:
