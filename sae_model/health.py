@@ -265,7 +265,9 @@ class HealthCallback:
         if x is None or x.shape[0] < 2:
             return
         constant = float(x.var(axis=0).mean())
-        v = check_pretrain_stage(stage.layer, float(record.val_loss), constant)
+        # No validation rows (train.val_fraction=0) give a NaN validation loss: judge the training loss.
+        loss = float(record.val_loss) if math.isfinite(record.val_loss) else float(record.train_loss)
+        v = check_pretrain_stage(stage.layer, loss, constant)
         self.verdict = self.verdict.merged(v)
         if not v.ok:
             if getattr(trainer, "rank", 0) == 0:
