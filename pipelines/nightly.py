@@ -227,6 +227,8 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
         table_uri(cfg.paths.root, "features"), table_uri(cfg.paths.root, "items"),
         settings, ckpt, fingerprint=f"{cfg.hash()}-{state.date}", init_from=init_from,
     )
+    if result.health != "ok":  # sae_model.health kept it unregistered: never a champion
+        raise NightlyError(f"the challenger's training is unhealthy, not registered or promoted: {' | '.join(result.health_findings)}")
     if result.model_version is None:
         raise NightlyError("the challenger was not registered: set mlflow.registered_model")
     _client().set_model_version_tag(cfg.mlflow.registered_model, result.model_version, FEATURES_TAG, names_sha)
