@@ -240,6 +240,9 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
         extra_tags={"nightly_date": state.date, "warm_start_from": init_from or ""},
         ingest=data,
     )
+    if result.get("health", "ok") != "ok":  # sae_model.health kept it unregistered: never a champion
+        findings = " | ".join(result.get("health_findings") or [])
+        raise NightlyError(f"the challenger's training is unhealthy, not registered or promoted: {findings}")
     if result["model_version"] is None:
         raise NightlyError("the challenger was not registered: set mlflow.registered_model")
     _client().set_model_version_tag(cfg.mlflow.registered_model, result["model_version"], FEATURES_TAG, names_sha)

@@ -59,6 +59,9 @@ class PretrainConfig:
     # "data_mean": each pretraining stage starts its decoder's bias at the logit of its input's mean
     # (sigmoid outputs), so the first steps are not spent on the offset every output shares.
     decoder_bias: Literal["default", "data_mean"] = "default"
+    # pretrain.method=autoencoder: lr factor for the stage whose code units are linear (unbounded), as
+    # rbm_linear_lr_scale for the RBM. The talk's lr 1 on the summed cost blew 250-2-250 up (issue 22).
+    linear_code_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_phase("pretrain", self.epochs, self.lr, self.batch_size)

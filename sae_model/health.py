@@ -258,13 +258,16 @@ class HealthCallback:
     def on_stage_start(self, trainer: Any, stage: Any) -> None: ...
 
     def on_epoch_end(self, trainer: Any, stage: Any, record: Any) -> None:
-        if stage.kind != "pretrain" or record.epoch != stage.epochs - 1:
+        # Only the autoencoder's stages minimise this loss; an RBM's reconstruction is a by-product.
+        if stage.kind != "pretrain" or record.epoch != stage.epochs - 1 or trainer.pre.method != "autoencoder":
             return
         x = layer_input_sample(trainer, stage.layer, self.sample_rows)
         if x is None or x.shape[0] < 2:
             return
         constant = float(x.var(axis=0).mean())
-        v = check_pretrain_stage(stage.layer, float(record.val_loss), constant)
+        # No validation rows (train.val_fraction=0) give a NaN validation loss: judge the training loss.
+        loss = float(record.val_loss) if math.isfinite(record.val_loss) else float(record.train_loss)
+        v = check_pretrain_stage(stage.layer, loss, constant)
         self.verdict = self.verdict.merged(v)
         if not v.ok:
             if getattr(trainer, "rank", 0) == 0:

@@ -367,6 +367,8 @@ class Trainer:
         lr = c.lr
         if stage.kind == "pretrain" and self.pre.method == "rbm" and stage.layer == m.depth - 1:
             lr *= self.pre.rbm_linear_lr_scale
+        if stage.kind == "pretrain" and self.pre.method == "autoencoder" and stage.layer == m.depth - 1 and m.code_activation == "linear":
+            lr *= self.pre.linear_code_lr_scale
         # {pretrain,finetune}.loss_reduction=sum: the step of the L2 cost summed over the reconstructed dims.
         rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
         scale = 1.0 if rbm else reduction_scale(c.loss_reduction, m.layers[stage.layer or 0], c.optimizer)

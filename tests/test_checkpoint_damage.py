@@ -136,8 +136,8 @@ def test_no_readable_checkpoint_stops_unless_asked_to_start_afresh(feats, tmp_pa
 def test_resume_with_another_run_length_finds_the_training_it_continues(tmp_path):
     """Case checkpoint-truncated resumes with ``finetune.epochs=40`` a run started with 5000: another
     config hash, the same training. A change to what it learns (``finetune.lr``) is not found."""
-    from pipelines.training import checkpoint_dir_for
     from pipelines.config import load_config
+    from pipelines.training import checkpoint_dir_for
 
     first = load_config(None, [f"paths.root={tmp_path}", "finetune.epochs=5000"])
     again = load_config(None, [f"paths.root={tmp_path}", "finetune.epochs=40"])
