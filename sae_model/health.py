@@ -70,6 +70,8 @@ class Finding:
     detail: str
 
     def message(self) -> str:
+        """One line: stage, measure, its value against the threshold, what it means, and the config
+        keys to try."""
         return f"{self.stage}: {self.measure} {self.value:.3g} (threshold {self.threshold:.3g}): {self.detail}; try {', '.join(self.keys)}"
 
 
@@ -89,17 +91,23 @@ class Verdict:
         return OK if self.ok else UNHEALTHY
 
     def summary(self) -> str:
+        """``training health: ok``, or every finding's :meth:`Finding.message` joined by `` | ``."""
         if self.ok:
             return "training health: ok"
         return "training health: " + " | ".join(f.message() for f in self.findings)
 
     def merged(self, other: Verdict) -> Verdict:
+        """A new verdict with both verdicts' findings (``self``'s first) and measures (``other``'s win)."""
         return Verdict(self.findings + other.findings, {**self.measures, **other.measures})
 
     def mlflow_tags(self) -> dict[str, str]:
+        """The run tags: ``health`` = ok|unhealthy and ``health_findings`` (the messages, at most 5,000
+        characters, MLflow's tag limit)."""
         return {HEALTH_TAG: self.status, FINDINGS_TAG: "\n".join(f.message() for f in self.findings)[:5000]}
 
     def mlflow_metrics(self) -> dict[str, float]:
+        """The finite measures as MLflow metrics named ``health/<measure>`` (NaN/inf are left out:
+        MLflow stores them badly)."""
         return {f"health/{k}": v for k, v in self.measures.items() if math.isfinite(v)}
 
 
@@ -255,9 +263,17 @@ class HealthCallback:
         self.sample_rows = sample_rows
         self.verdict = Verdict()
 
-    def on_stage_start(self, trainer: Any, stage: Any) -> None: ...
+    def on_stage_start(self, trainer: Any, stage: Any) -> None:
+        """Nothing to do when a stage starts: stages are judged at their last epoch."""
+        ...
 
     def on_epoch_end(self, trainer: Any, stage: Any, record: Any) -> None:
+        """At an autoencoder pretraining stage's last epoch: compare its validation loss (else its
+        training loss) with predicting each input's mean on a sample of the stage's input; a stage
+        worse than that stops the run.
+
+        Raises ``UnhealthyTraining`` (its message from :func:`check_pretrain_stage`, naming the layer
+        and ``pretrain.lr``) when the stage failed."""
         # Only the autoencoder's stages minimise this loss; an RBM's reconstruction is a by-product.
         if stage.kind != "pretrain" or record.epoch != stage.epochs - 1 or trainer.pre.method != "autoencoder":
             return
