@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from sae_model.callbacks import Callback
+
 log = logging.getLogger(__name__)
 
 HEALTH_TAG = "health"  # MLflow run tag: "ok" | "unhealthy"
@@ -253,8 +255,8 @@ def log_verdict(verdict: Verdict) -> None:
         mlflow.log_metrics(metrics)
 
 
-class HealthCallback:
-    """The trainer's callback (duck-typed like ``sae_model.trainer.Callback``): after each pretraining
+class HealthCallback(Callback):
+    """The trainer's callback: after each pretraining
     stage's last epoch it compares the stage's validation loss with the constant predictor of the
     stage's input and stops the run on a stage that exploded or saturated (:class:`UnhealthyTraining`).
     The findings so far are kept in ``verdict`` for the end-of-run check."""
@@ -262,10 +264,6 @@ class HealthCallback:
     def __init__(self, sample_rows: int = 2048) -> None:
         self.sample_rows = sample_rows
         self.verdict = Verdict()
-
-    def on_stage_start(self, trainer: Any, stage: Any) -> None:
-        """Nothing to do when a stage starts: stages are judged at their last epoch."""
-        ...
 
     def on_epoch_end(self, trainer: Any, stage: Any, record: Any) -> None:
         """At an autoencoder pretraining stage's last epoch: compare its validation loss (else its

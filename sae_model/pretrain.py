@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sae_model.callbacks import Callback
 from sae_model.model import StackedAutoencoder
 
 
@@ -65,7 +66,7 @@ def init_decoder_bias(model: StackedAutoencoder, layer: int, x: torch.Tensor) ->
     model.decoders[layer].bias.copy_(torch.log(m / (1 - m)).to(model.decoders[layer].bias.dtype))
 
 
-class DecoderBiasInit:
+class DecoderBiasInit(Callback):
     """Trainer callback for ``pretrain.decoder_bias=data_mean``: at the start of each pretraining
     stage (not when resuming into one) sets the decoder's bias from the stage's training inputs."""
 
@@ -80,10 +81,6 @@ class DecoderBiasInit:
         xb = next(iter(trainer.source.batches("train", self.rows, shuffle=False)), None)
         if xb is not None:
             init_decoder_bias(trainer.model, stage.layer, inputs_for_layer(trainer.model, xb, stage.layer))
-
-    def on_epoch_end(self, trainer, stage, record) -> None:
-        """Nothing to do after an epoch."""
-        ...  # noqa: ANN001
 
 
 def autoencoder_step(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from sae_model import checkpoint as ckpt
 from sae_model import health
+from sae_model.callbacks import Callback
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
 from sae_model.model import StackedAutoencoder, init_weights
@@ -156,27 +157,6 @@ class TrainResult:
     model: StackedAutoencoder | None = None
     health: str = "ok"  # sae_model.health: "ok" | "unhealthy" (then the model is not registered)
     health_findings: list[str] = field(default_factory=list)
-
-
-class Callback:
-    """Hooks the trainer calls; all optional. Callbacks travel to the ranks of distributed training
-    with the ``TrainRequest``, so they must pickle."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Before the first stage of ``fit`` (also when resuming)."""
-        ...
-
-    def on_stage_start(self, trainer: Trainer, stage: Stage) -> None:
-        """Before the first epoch run of ``stage``, after its optimizer is made (also when resuming into it)."""
-        ...
-
-    def on_checkpoint(self, trainer: Trainer, stage: Stage, epoch: int, finished: bool) -> None:
-        """After rank 0 wrote the checkpoint of ``epoch`` of ``stage`` (``finished``: the last one)."""
-
-    def on_epoch_end(self, trainer: Trainer, stage: Stage, record: EpochRecord) -> None:
-        """After ``record``'s epoch of ``stage``, before its checkpoint is written; ``trainer.history``
-        already holds it."""
-        ...
 
 
 # ---------------------------------------------------------------- checks and set-up
