@@ -18,7 +18,10 @@ def published(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("map-root")
     tracking = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(tracking)
-    with mlflow.start_run() as run:  # the run that "made" codes/: `sae map --log` logs to it
+    # An experiment of this store, named explicitly: the process may still hold another store's active
+    # experiment id, and setting an active one here would leak to later tests.
+    experiment_id = mlflow.MlflowClient(tracking).create_experiment("sae-map-test")
+    with mlflow.start_run(experiment_id=experiment_id) as run:  # the run that "made" codes/: `sae map --log` logs to it
         pass
     mlflow.set_tracking_uri("")
     made = publish_small_map(spark, root, run_id=run.info.run_id)

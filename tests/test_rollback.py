@@ -30,8 +30,9 @@ SPARK = SimpleNamespace(sparkContext=SimpleNamespace(master="local[1]"))  # read
 
 @pytest.fixture
 def stub_scoring(monkeypatch):
-    from pipelines import inference, scoring
-    from pipelines.scoring import ResolvedModel
+    from pipelines import inference
+    from sae_model import registry
+    from sae_model.registry import ResolvedModel
 
     def resolve_model(uri, *a, **k):
         return ResolvedModel(uri=uri, run_id=None, version=uri.rsplit("/", 1)[1])
@@ -47,7 +48,7 @@ def stub_scoring(monkeypatch):
             pq.write_table(pa.table({"item_id": [1], "neighbor_id": [2]}), f"{pub.path}/neighbors/part-0.parquet")
         return {"scores_version": pub.version, "items": 2, "method": "exact"}
 
-    monkeypatch.setattr(scoring, "resolve_model", resolve_model)
+    monkeypatch.setattr(registry, "resolve_model", resolve_model)  # the one resolver, imported at call time
     monkeypatch.setattr(inference, "predict_batch", predict_batch)
 
 
