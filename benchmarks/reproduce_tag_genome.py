@@ -22,14 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sae_model.evaluate import read_label_sets
 
 from jobs.common import setup_logging
 from pipelines.config import load_config
 from pipelines.publish import table_uri
 from sae_model import health
 from sae_model.data import load_table
-from sae_model.evaluation import PCA, continuity, knn_label_share, trustworthiness, umap_codes
+from sae_model.evaluation import (
+    PCA,
+    continuity,
+    knn_label_share,
+    read_label_sets,
+    trustworthiness,
+    umap_codes,
+)
 from sae_model.trainer import MlflowSettings, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parent.parent

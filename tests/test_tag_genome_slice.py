@@ -11,12 +11,11 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from sae_model.evaluate import read_label_sets
 
 from pipelines.config import load_config
 from sae_model import health
 from sae_model.data import load_table
-from sae_model.evaluation import PCA, knn_label_share, trustworthiness
+from sae_model.evaluation import PCA, knn_label_share, read_label_sets, trustworthiness
 from sae_model.loading import load_encoder
 
 REPO = Path(__file__).resolve().parent.parent
