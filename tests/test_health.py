@@ -5,21 +5,13 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import pytest
-import torch
 
 from sae_model import health
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.trainer import MlflowSettings, train
 from tests.train_data import manifold, write_features
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-    mlflow.set_tracking_uri("")
+pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")  # conftest's shared fixtures
 
 
 def test_collapsed_codes_are_found_and_spread_codes_pass():
