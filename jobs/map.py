@@ -32,11 +32,12 @@ def run(cfg: Config, colour: str = "auto", max_points: int | None = None, out: s
     from pyspark.errors import AnalysisException
 
     from pipelines.inference import draw_maps
-    from pipelines.publish import is_local, local_path, table_path
+    from pipelines.publish import is_local, local_path, pin
 
     if max_points is not None and max_points < 1:
         raise ValueError(f"--max-points: must be >= 1, got {max_points}")
-    codes = table_path(cfg.paths.root, "codes")
+    scores = pin(cfg.paths.root, "scores")  # one version for the run id and the drawing alike
+    codes = scores.path("codes")
     if is_local(codes) and not local_path(codes).exists():
         raise FileNotFoundError(f"no codes/ under {cfg.paths.root}: run `sae infer` first")
     with spark_session(cfg) as spark:
@@ -50,7 +51,9 @@ def run(cfg: Config, colour: str = "auto", max_points: int | None = None, out: s
             except AnalysisException as exc:
                 raise FileNotFoundError(f"no codes/ under {cfg.paths.root}: run `sae infer` first") from exc
             run_id = first.run_id if first else None
-        paths = draw_maps(spark, cfg.paths.root, cfg.infer, out=out, colour=colour, max_points=max_points, run_id=run_id)
+        paths = draw_maps(
+            spark, cfg.paths.root, cfg.infer, out=out, colour=colour, max_points=max_points, run_id=run_id, scores=scores
+        )
     log.info("maps: %s", ", ".join(map(str, paths)))
     return paths
 
