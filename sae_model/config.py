@@ -192,9 +192,17 @@ class TrainConfig:
     # When no checkpoint to resume can be read (all truncated or corrupt): start afresh (true) or stop
     # with an error naming the files (false). A readable older checkpoint is always used first.
     restart_on_bad_checkpoint: bool = False
+    # Split-aware training, the field's protocol (MNIST's 60,000 training / 10,000 test images): when
+    # set, only items whose column of this name in `items/` equals `train_value` are trained on (and
+    # PCA/UMAP fitted on, and the val_fraction hold-out drawn from); every other item is held out and
+    # is what evaluation scores. Empty: the hash split by val_fraction alone.
+    split_column: str = ""
+    train_value: str = "train"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
+        if self.split_column and not self.train_value:
+            raise ValueError("train.train_value: must be non-empty when train.split_column is set")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"train.val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.reader_cache_mb < 0:
