@@ -7,8 +7,11 @@ and neighbours from another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -149,39 +152,47 @@ def predict_batch(
     return summary
 
 
-def infer_from_config(
-    spark: SparkSession, cfg: Config, model_uri: str | None = None, force: bool = False
-) -> dict[str, Any]:
-    """Pin the model (``model_uri``, else ``infer.model_uri``, else ``@champion``, else the newest
-    logged model), then ``predict_batch`` over ``paths.root``; returns its summary plus the MLflow
-    ``tracking_uri``. On a local master the artefacts are downloaded once and every worker loads
-    them from disk.
+@contextlib.contextmanager
+def pinned_model(spark: SparkSession, cfg: Config, model_uri: str) -> Iterator[ResolvedModel]:
+    """``sae_model.registry.resolve_model`` of ``model_uri`` (empty: ``@champion``, else the newest
+    logged model) in ``cfg``'s registry and experiment, for the length of the ``with`` block. On a
+    local master the artefacts are downloaded once into a temporary folder (removed afterwards), so
+    every worker loads them from disk instead of each asking the tracking server.
 
-    Raises ``sae_model.health.UnhealthyModel`` before anything is scored or published when the
-    model's training run is marked unhealthy (a collapsed or dead map), unless ``force`` or
-    ``infer.force``; ``sae_model.registry.ModelURIError`` when the URI does not resolve."""
-    import tempfile
-
-    import mlflow
-
-    from sae_model.health import refuse_unhealthy
+    Raises ``sae_model.registry.ModelURIError`` when the URI does not resolve."""
     from sae_model.registry import resolve_model
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
     with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
         local = spark.sparkContext.master.startswith("local")
-        model = resolve_model(
-            model_uri or cfg.infer.model_uri,
+        yield resolve_model(
+            model_uri,
             registered_model=cfg.mlflow.registered_model,
             experiment=cfg.mlflow.experiment,
             download_to=tmp if local else None,
         )
+
+
+def infer_from_config(
+    spark: SparkSession, cfg: Config, model_uri: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Pin the model (``model_uri``, else ``infer.model_uri``, else ``@champion``, else the newest
+    logged model; ``pinned_model``), then ``predict_batch`` over ``paths.root``; returns its summary
+    plus the MLflow ``tracking_uri``.
+
+    Raises ``sae_model.health.UnhealthyModel`` before anything is scored or published when the
+    model's training run is marked unhealthy (a collapsed or dead map), unless ``force`` or
+    ``infer.force``; ``sae_model.registry.ModelURIError`` when the URI does not resolve."""
+    import mlflow
+
+    from sae_model.health import refuse_unhealthy
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    with pinned_model(spark, cfg, model_uri or cfg.infer.model_uri) as model:
         refuse_unhealthy(model.run_id, model.uri, force or cfg.infer.force)
         publish = {"keep": cfg.publish.keep, "meta": {"job": "infer", "config_hash": cfg.hash()}}
         summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish)
     summary["tracking_uri"] = mlflow.get_tracking_uri()
     return summary
-
 
 
 def feature_names(spark: SparkSession, features: str) -> list[str] | None:

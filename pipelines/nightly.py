@@ -499,10 +499,7 @@ def score_and_publish(
     The alignment belongs to the model version (tag ``map_alignment``, also an artefact of its run):
     it is fitted once, when the version is first published, and reused whenever that version scores
     again, so a kept champion keeps its orientation and re-scoring reproduces the published map."""
-    import tempfile
-
-    from pipelines.inference import predict_batch
-    from sae_model.registry import resolve_model
+    from pipelines.inference import pinned_model, predict_batch
 
     data = data or pin(cfg.paths.root, "ingest", spark)
     scores = pin(cfg.paths.root, "scores", spark)
@@ -526,9 +523,7 @@ def score_and_publish(
         "protect_models": protected_models(cfg),
         "meta": {"job": job, "config_hash": cfg.hash()},
     }
-    local = spark.sparkContext.master.startswith("local")
-    with tempfile.TemporaryDirectory(prefix="sae-model-") as tmp:
-        model = resolve_model(uri, cfg.mlflow.registered_model, cfg.mlflow.experiment, download_to=tmp if local else None)
+    with pinned_model(spark, cfg, uri) as model:
         summary = predict_batch(
             spark, model, cfg.paths.root, cfg.infer, log_maps=True, alignment=al, publish=publish, ingest=data
         )

@@ -61,28 +61,18 @@ def _registered(client: Any, uri: str, name: str) -> None:
         ) from None
 
 
-def _by_alias(client: Any, uri: str, name: str, alias: str) -> Any:
+def _model_version(client: Any, uri: str, name: str, *, alias: str | None = None, version: str | None = None) -> Any:
+    """Model version ``name`` @``alias`` or /``version``; ModelURIError naming what exists when absent."""
     from mlflow.exceptions import MlflowException
 
     _registered(client, uri, name)
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        raise ModelURIError(
-            f"model URI {uri}: no alias {alias!r}; model {name!r} has {_what_exists(client, name)}"
-        ) from None
-
-
-def _by_version(client: Any, uri: str, name: str, version: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    _registered(client, uri, name)
-    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except MlflowException:
-        raise ModelURIError(
-            f"model URI {uri}: no version {version!r}; model {name!r} has {_what_exists(client, name)}"
-        ) from None
+        what = f"alias {alias!r}" if alias is not None else f"version {version!r}"
+        raise ModelURIError(f"model URI {uri}: no {what}; model {name!r} has {_what_exists(client, name)}") from None
 
 
 def _default(client: Any, registered_model: str, experiment: str) -> tuple[str, str | None, str | None]:
@@ -154,11 +144,11 @@ def resolve_model(
         rest = uri[len("models:/") :].strip("/")
         name, _, alias = rest.partition("@")
         if alias:
-            mv = _by_alias(client, uri, name, alias)
+            mv = _model_version(client, uri, name, alias=alias)
             uri, run_id, version = f"models:/{name}/{mv.version}", mv.run_id, str(mv.version)
         elif "/" in rest:
             name, ver = rest.rsplit("/", 1)
-            mv = _by_version(client, uri, name, ver)
+            mv = _model_version(client, uri, name, version=ver)
             run_id, version = mv.run_id, str(mv.version)
         else:
             try:
