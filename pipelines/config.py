@@ -41,6 +41,7 @@ from sae_model.config import (
     TrainConfig,
     describe,
     section,
+    type_at,
 )
 
 
@@ -478,8 +479,7 @@ def load_config(
         _check_keys(layer, origin)
         _deep_merge(merged, layer)
     for item in overrides:
-        key, value = _parse_override(item)
-        nested = _nest(Config, key, value)
+        nested = _parse_override(item)
         _check_keys(nested, f"override {item!r}")
         _deep_merge(merged, nested)
     try:
@@ -512,8 +512,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    """``key=value`` -> ``(key, value)``. A value for a text key (``paths.root``, ``infer.model_uri``,
+def _parse_override(item: str) -> dict[str, Any]:
+    """``key=value`` -> the nested layer ``{k: {e: {y: value}}}``. A value for a text key (``paths.root``, ``infer.model_uri``,
     ``spark.conf.*``, a choice such as ``data.source``) is taken literally, character for character:
     YAML would cut ``run #1`` at the comment and turn ``yes``, ``null`` or ``1e3`` into other types.
     Other keys (numbers, booleans, lists) are read as YAML, but never with a comment dropped."""
@@ -523,24 +523,21 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: bad key")
-    if _takes_text(_field_type(Config, key)):
-        return key, raw
-    return key, _parse_scalar(raw)
+    path = _key_path(key)
+    value = raw if _takes_text(type_at(Config, path)) else _parse_scalar(raw)
+    for part in reversed(path):  # a.b.c=v -> {a: {b: {c: v}}}
+        value = {part: value}
+    return value
 
 
-def _field_type(cls: Any, key: str) -> Any:
-    """The declared type of dotted ``key`` (a value's type below a free-form mapping); None if unknown."""
-    tp = cls
+def _key_path(key: str) -> list[str]:
+    """``a.b.c`` -> ``[a, b, c]``; below a free-form mapping (``spark.conf``) the rest of the key stays
+    whole, so ``spark.conf.spark.sql.ansi.enabled`` is that map's key ``spark.sql.ansi.enabled``."""
     parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(tp):
-            return None
-        tp = typing.get_type_hints(tp).get(part)
-        if tp is None:
-            return None
-        if typing.get_origin(tp) is dict and i < len(parts) - 1:
-            return typing.get_args(tp)[1]  # spark.conf.spark.sql.x: the rest of the key is the map's key
-    return tp
+    for i in range(1, len(parts)):
+        if typing.get_origin(type_at(Config, parts[:i])) is dict:
+            return [*parts[:i], ".".join(parts[i:])]
+    return parts
 
 
 def _takes_text(tp: Any) -> bool:
@@ -564,19 +561,6 @@ def _parse_scalar(raw: str) -> Any:
         return raw
     end = max((t.end_mark.index for t in tokens), default=0)
     return raw if raw[end:].strip() else value
-
-
-def _nest(cls: Any, key: str, value: Any) -> dict[str, Any]:
-    """``a.b.c=v`` -> ``{a: {b: {c: v}}}``; below a free-form mapping (``spark.conf``) the
-    rest of the key stays whole, so ``spark.conf.spark.sql.ansi.enabled=false`` works."""
-    head, _, rest = key.partition(".")
-    if not rest:
-        return {head: value}
-    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-    sub = hints.get(head)
-    if sub is not None and typing.get_origin(sub) is dict:
-        return {head: {rest: value}}
-    return {head: _nest(sub, rest, value)}
 
 
 def _deep_merge(base: dict[str, Any], new: dict[str, Any]) -> None:

@@ -104,41 +104,38 @@ def describe(err: Any, cls: type, prefix: str = "") -> str:
     ctx = err.get("ctx") or {}
     kind, got = err["type"], err.get("input")
     if kind in UNKNOWN_KEY_ERRORS:
-        known = sorted(f.name for f in dataclasses.fields(_type_at(cls, loc[:-1])))
+        known = sorted(f.name for f in dataclasses.fields(type_at(cls, loc[:-1])))
         return f"unknown config key {_dotted(prefix, loc)!r}; known keys here: {known}"
     if kind == "value_error" and isinstance(ctx.get("error"), FieldError):
         loc.append(ctx["error"].key)
-    tp = _type_at(cls, loc)
+    tp = type_at(cls, loc)
     if kind == "value_error":
         what = str(ctx["error"])
-    elif kind in ("too_short", "string_too_short") and isinstance(got, str):
-        what = f"must be set, got {got!r}"
-    elif kind == "literal_error" and typing.get_origin(tp) is Literal:
-        what = f"must be one of {list(get_args(tp))}, got {got!r}"
-    elif kind in _MESSAGES:
-        what = _MESSAGES[kind].format(**ctx, got=got)
     else:
-        what = f"{err['msg']}, got {got!r}"
+        if kind in ("too_short", "string_too_short") and isinstance(got, str):
+            wrong = "must be set"
+        elif kind == "literal_error" and typing.get_origin(tp) is Literal:
+            wrong = f"must be one of {list(get_args(tp))}"
+        else:
+            wrong = _MESSAGES[kind].format(**ctx) if kind in _MESSAGES else err["msg"]
+        what = f"{wrong}, got {got!r}"
     return f"{_dotted(prefix, loc)}: {what}"
 
 
+# pydantic's error types in our words; the value follows (", got VALUE").
 _MESSAGES = {
-    "int_parsing": "expected an integer, got {got!r}",
-    "int_type": "expected an integer, got {got!r}",
-    "int_from_float": "expected an integer, got {got!r}",
-    "float_parsing": "expected a number, got {got!r}",
-    "float_type": "expected a number, got {got!r}",
-    "bool_parsing": "expected true or false, got {got!r}",
-    "bool_type": "expected true or false, got {got!r}",
-    "list_type": "expected a list, got {got!r}",
-    "dict_type": "expected a mapping, got {got!r}",
-    "dataclass_type": "expected a mapping of settings, got {got!r}",
-    "literal_error": "must be one of {expected}, got {got!r}",
-    "greater_than": "must be > {gt}, got {got!r}",
-    "greater_than_equal": "must be >= {ge}, got {got!r}",
-    "less_than": "must be < {lt}, got {got!r}",
-    "less_than_equal": "must be <= {le}, got {got!r}",
-    "too_short": "must have at least {min_length} items, got {got!r}",
+    **dict.fromkeys(("int_parsing", "int_type", "int_from_float"), "expected an integer"),
+    **dict.fromkeys(("float_parsing", "float_type"), "expected a number"),
+    **dict.fromkeys(("bool_parsing", "bool_type"), "expected true or false"),
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "dataclass_type": "expected a mapping of settings",
+    "literal_error": "must be one of {expected}",
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must have at least {min_length} items",
 }
 
 
@@ -149,8 +146,9 @@ def _dotted(prefix: str, loc: list[Any]) -> str:
     return key or "top level"
 
 
-def _type_at(cls: Any, loc: list[Any]) -> Any:
-    """The declared type at ``loc`` below section ``cls`` (through sections, lists and mappings)."""
+def type_at(cls: Any, loc: list[Any]) -> Any:
+    """The declared type at ``loc`` (field names, list positions, mapping keys) below section ``cls``,
+    without its ``Annotated`` constraints (``Text`` -> ``str``); None where no field is declared."""
     tp = cls
     for part in loc:
         if dataclasses.is_dataclass(tp):
