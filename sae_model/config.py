@@ -93,7 +93,8 @@ def section(prefix: str) -> Callable[[type[T]], type[T]]:
     return wrap
 
 
-UNKNOWN_KEY_ERRORS = ("unexpected_keyword_argument", "extra_forbidden")
+# A key no field has (invalid_key: YAML's `1: x`, a key that is not even a string).
+UNKNOWN_KEY_ERRORS = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
 
 
 def describe(err: Any, cls: type, prefix: str = "") -> str:
@@ -105,7 +106,7 @@ def describe(err: Any, cls: type, prefix: str = "") -> str:
     kind, got = err["type"], err.get("input")
     if kind in UNKNOWN_KEY_ERRORS:
         known = sorted(f.name for f in dataclasses.fields(type_at(cls, loc[:-1])))
-        return f"unknown config key {_dotted(prefix, loc)!r}; known keys here: {known}"
+        return f"unknown config key {_dotted(prefix, [*loc[:-1], str(loc[-1])])!r}; known keys here: {known}"
     if kind == "value_error" and isinstance(ctx.get("error"), FieldError):
         loc.append(ctx["error"].key)
     tp = type_at(cls, loc)
