@@ -513,10 +513,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _parse_override(item: str) -> dict[str, Any]:
-    """``key=value`` -> the nested layer ``{k: {e: {y: value}}}``. A value for a text key (``paths.root``, ``infer.model_uri``,
-    ``spark.conf.*``, a choice such as ``data.source``) is taken literally, character for character:
-    YAML would cut ``run #1`` at the comment and turn ``yes``, ``null`` or ``1e3`` into other types.
-    Other keys (numbers, booleans, lists) are read as YAML, but never with a comment dropped."""
+    """``a.b=value`` -> the layer ``{a: {b: value}}``. A value for a text key (``paths.root``,
+    ``infer.model_uri``, ``spark.conf.*``, a choice such as ``data.source``) is taken literally, character
+    for character: YAML would cut ``run #1`` at the comment and turn ``yes``, ``null`` or ``1e3`` into
+    other types. Other keys (numbers, booleans, lists) are read as YAML, but never with a comment dropped."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.seed=1")
     key, raw = item.split("=", 1)
