@@ -73,14 +73,16 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class LogsConfig:
-    """data.logs.*: user tag applications (source=movielens_tags) -> one vector per movie."""
+    """data.logs.*: user tag applications (source=movielens_tags) -> one vector per movie; mapped onto
+    conf/presets/movielens_tags.yaml's data.events (pipelines.sources.events.settings)."""
 
     # Vocabulary: the N most used normalised tags with at least min_support applications.
     vocab_size: int = 1128
     min_support: int = 2
     # counts = raw counts; tfidf = count share x smoothed idf; relevance = count / the movie's max (in [0, 1]).
     weighting: Literal["counts", "tfidf", "relevance"] = "relevance"
-    # Merge new records into paths.root/state/ (false = rebuild from the input alone, state rewritten).
+    # Merge new records into paths.root/state/ (false = rebuild from the input alone, state rewritten);
+    # also for source=movielens_ratings.
     incremental: bool = True
 
     def __post_init__(self) -> None:
@@ -92,7 +94,8 @@ class LogsConfig:
 
 @dataclass(frozen=True)
 class RatingsConfig:
-    """data.ratings.*: ratings.csv (source=movielens_ratings) -> mean-centred rating vectors."""
+    """data.ratings.*: ratings.csv (source=movielens_ratings) -> mean-centred rating vectors; mapped onto
+    conf/presets/movielens_ratings.yaml's data.events (pipelines.sources.events.settings)."""
 
     # item = one vector per movie over users (item map); user = one per user over movies (user map).
     entity: Literal["item", "user"] = "item"
