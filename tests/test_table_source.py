@@ -152,7 +152,7 @@ def test_limit_keeps_the_smallest_ids_and_quarantines_the_rest(spark, tmp_path, 
         extra = ["data.table.shape=long"]
     path = tmp_path / "t.csv"
     path.write_text(text)
-    m = run_ingest(spark, cfg_for(tmp_path, path, "data.limit=2", *extra))
+    m = run_ingest(spark, cfg_for(tmp_path, path, "data.limit=2", "data.table.id_type=long", *extra))
     root = tmp_path / "out"
     assert features(root) == ({1: [4.0, 4.0], 3: [2.0, 2.0]} if shape == "wide" else {1: [0.0, 4.0], 3: [2.0, 2.0]})
     reasons = sorted(r["reason"] for r in rows(root, "quarantine"))

@@ -663,7 +663,7 @@ def read(spark: SparkSession, cfg) -> SourceResult:
     if cfg.data.limit:
         # The vectors of the `limit` smallest item ids; the events of the others are quarantined.
         max_id = all_vecs.select("item_id").orderBy("item_id").limit(cfg.data.limit).agg(F.max("item_id")).first()[0]
-        vecs = all_vecs.filter(F.col("item_id") <= max_id)
+        vecs = all_vecs if max_id is None else all_vecs.filter(F.col("item_id") <= max_id)
     features = vecs.select("item_id", F.transform("vec", lambda x: x.cast("float")).alias("features"))
     mapped = ec.entity_column not in ec.id_columns and dict(table.dtypes).get(ec.entity_column) not in (
         "tinyint", "smallint", "int", "bigint")
