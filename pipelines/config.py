@@ -86,20 +86,23 @@ class SyntheticConfig:
 
 @section("data.logs")
 class LogsConfig:
-    """data.logs.*: user tag applications (source=movielens_tags) -> one vector per movie."""
+    """data.logs.*: user tag applications (source=movielens_tags) -> one vector per movie; mapped onto
+    conf/presets/movielens_tags.yaml's data.events (pipelines.sources.events.settings)."""
 
     # Vocabulary: the N most used normalised tags with at least min_support applications.
     vocab_size: Count = 1128
     min_support: Count = 2
     # counts = raw counts; tfidf = count share x smoothed idf; relevance = count / the movie's max (in [0, 1]).
     weighting: Literal["counts", "tfidf", "relevance"] = "relevance"
-    # Merge new records into paths.root/state/ (false = rebuild from the input alone, state rewritten).
+    # Merge new records into paths.root/state/ (false = rebuild from the input alone, state rewritten);
+    # also for source=movielens_ratings.
     incremental: bool = True
 
 
 @section("data.ratings")
 class RatingsConfig:
-    """data.ratings.*: ratings.csv (source=movielens_ratings) -> mean-centred rating vectors."""
+    """data.ratings.*: ratings.csv (source=movielens_ratings) -> mean-centred rating vectors; mapped onto
+    conf/presets/movielens_ratings.yaml's data.events (pipelines.sources.events.settings)."""
 
     # item = one vector per movie over users (item map); user = one per user over movies (user map).
     entity: Literal["item", "user"] = "item"
@@ -237,28 +240,61 @@ class TableConfig:
 class EventsConfig:
     """data.events.*: a generic event log (source=events) -> one vector per entity over its tokens.
     The file is read like data.source=table (data.events.format, reader options such as sep, quote
-    and encoding in data.options)."""
+    and encoding in data.options). The MovieLens tags and ratings logs are presets of it
+    (conf/presets/movielens_tags.yaml, movielens_ratings.yaml; data.source=movielens_tags|_ratings)."""
 
     format: Text = ""  # parquet | csv | orc | json | catalog; "" = by the extension
-    # Column names for a CSV without a header line, in order ([] = the file's header names them).
+    # "" = data.input is the log (a file, a folder, or KEY=VALUE/ partitions); NAME = data.input is a
+    # folder holding NAME.<ext> (gzipped or not) or NAME/KEY=VALUE/ partitions (MovieLens: tags, ratings).
+    file: Text = ""
+    # The CSV's field names, in order ([] = its header line names them). With names given the file has
+    # no header line, unless data.options.header=true: then its header must be exactly these names.
     columns: list[Text] = field(default_factory=list)
     entity_column: Text = "entity"
     token_column: Text = "token"
     weight_column: Text = ""  # "" = each event weighs 1
     timestamp_column: Text = ""  # "" = none; set: an unparseable timestamp quarantines the event
-    # An event's identity: this column, or ("") all of entity, token, weight and timestamp. A repeated
-    # identity within a load, or one loaded before, is a duplicate.
+    # An event's identity: this column, or ("") all its fields. A repeated identity within a load, or
+    # one loaded before, is a duplicate.
     event_id_column: Text = ""
+    # Columns that must hold integer ids (a non-integer quarantines the event); an integer entity is the
+    # item id itself (other entities map to a stable long, kept in items/ as source_id).
+    id_columns: list[Text] = field(default_factory=list)
+    # Tokens in Unicode NFKC, lower case, whitespace runs folded to one blank (tags).
+    normalise_tokens: bool = False
+    # Valid weights: [low, high] and a step (0 = any); another weight quarantines the event (ratings).
+    weight_range: list[Float] = field(default_factory=list)
+    weight_step: Annotated[Float, Field(ge=0)] = 0.0
+    # Repeated (entity, token) events: summed (sum), or the latest by timestamp (latest; ratings).
+    combine: Literal["sum", "latest"] = "sum"
+    # Subtract from each weight the mean weight of its entity's or token's pairs, all of them, before
+    # the vocabulary is applied ("" = no; ratings: the user's mean rating).
+    centre_by: Literal["", "entity", "token"] = ""
     # counts = summed weights; binary = 1 where any; tfidf = weight share x smoothed idf;
-    # bm25 = Okapi BM25 term weight (k1, b); mean_centred = weight minus the entity's mean weight.
-    weighting: Literal["counts", "binary", "tfidf", "bm25", "mean_centred"] = "counts"
+    # bm25 = Okapi BM25 term weight (k1, b); mean_centred = weight minus the entity's mean weight over
+    # its vocabulary tokens; relevance = weight / the entity's largest.
+    weighting: Literal["counts", "binary", "tfidf", "bm25", "mean_centred", "relevance"] = "counts"
     bm25_k1: Annotated[Float, Field(ge=0)] = 1.2
     bm25_b: Annotated[Float, Field(ge=0, le=1)] = 0.75
-    # Vocabulary: the top_k tokens by events, among those with at least min_support events.
+    # Vocabulary: the top_k tokens by events, among those with at least min_support events (top), or
+    # top_k hash buckets of the tokens, weights summed per bucket (hash).
+    vocabulary: Literal["top", "hash"] = "top"
     top_k: Count = 1000
     min_support: Count = 1
-    # Merge new events into paths.root/events_state (false = rebuild from the input alone).
+    token_prefix: Text = ""  # feature name = prefix + token (ratings: user_42)
+    # A column of MovieLens movie ids: with movies.csv (or movie.csv) in data.input, an id not in it is
+    # quarantined, and when it is the entity, titles and genres go to items/.
+    movie_column: Text = ""
+    # Quarantine reasons reworded: the generic wording -> yours (the MovieLens presets keep theirs).
+    reasons: dict[Text, Text] = field(default_factory=dict)
+    # Merge new events into paths.root/state (false = rebuild from the input alone).
     incremental: bool = True
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> EventsConfig:
+        if self.weight_range and (len(self.weight_range) != 2 or self.weight_range[0] > self.weight_range[1]):
+            raise FieldError("weight_range", f"expected [low, high], got {self.weight_range}")
+        return self
 
 
 def _iso_date(value: str) -> str:

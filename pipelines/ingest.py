@@ -23,7 +23,7 @@ from pipelines.schemas import FEATURES, QUARANTINE, SchemaError, check_columns, 
 from pipelines.sources import SOURCES, InputError, Source, SourceResult
 
 # Registers the built-in sources. A new source module adds itself here.
-from pipelines.sources import documents, events, jdbc, logs, mnist, synthetic, table, tag_genome  # noqa: F401, E402  isort: skip
+from pipelines.sources import documents, events, jdbc, mnist, synthetic, table, tag_genome  # noqa: F401, E402  isort: skip
 
 log = logging.getLogger(__name__)
 

@@ -130,17 +130,17 @@ def test_csv_gz_that_is_not_gzip_or_truncated_is_an_input_error_naming_it(tmp_pa
 
 
 def test_flat_tags_beside_partitions_is_refused_and_gz_twins_in_a_partition_read_once(tmp_path):
-    from pipelines.sources import logs as lg
+    from pipelines.sources import events as ev
 
     day = tmp_path / "in" / "tags" / "date=2024-01-02"
     day.mkdir(parents=True)
     text = b"userId,movieId,tag,timestamp\n1,1,funny,1704153600\n"
     (day / "a.csv").write_bytes(text)
     (day / "a.csv.gz").write_bytes(gzip.compress(text))
-    assert lg.find_loads(str(tmp_path / "in"), "tags") == [("date=2024-01-02", [str(day / "a.csv")])]
+    assert ev.find_loads(str(tmp_path / "in"), "tags") == [("date=2024-01-02", [str(day / "a.csv")])]
     (tmp_path / "in" / "tags.csv").write_bytes(text)
     with pytest.raises(InputError, match=r"tags.csv and .*tags/: events both in a flat file and in partitions"):
-        lg.find_loads(str(tmp_path / "in"), "tags")
+        ev.find_loads(str(tmp_path / "in"), "tags")
 
 
 def test_a_file_spark_finds_damaged_is_one_line_naming_it(spark, tmp_path):

@@ -114,3 +114,24 @@ def test_weightings(spark, tmp_path, weighting):
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+
+
+def test_limit_keeps_the_smallest_entities(spark, tmp_path):
+    # Integer entities (an id column): data.limit=2 keeps entities 1 and 2; entity 3's two events are
+    # quarantined as beyond the limit, and all three stay in the state for later loads.
+    path = tmp_path / "ev.csv"
+    path.write_text("user,tag\n3,a\n1,a\n2,b\n3,b\n")
+    cfg = load_config(None, [
+        "data.source=events", f"data.input={path}", f"paths.root={tmp_path / 'out'}", "data.events.entity_column=user",
+        "data.events.token_column=tag", "data.events.id_columns=[user]", "data.limit=2",
+    ])
+    check_inputs(cfg)
+    m = run_ingest(spark, cfg)
+    root = tmp_path / "out"
+    got = {r["item_id"]: r["features"] for r in pq.read_table(str((root / "features").resolve())).to_pylist()}
+    assert m["feature_names"] == ["a", "b"] and got == {1: [1.0, 0.0], 2: [0.0, 1.0]}
+    assert counts(m) == (4, 2, 2)
+    reasons = [r["reason"] for r in pq.read_table(str((root / "quarantine").resolve())).to_pylist()]
+    assert reasons == ["beyond data.limit", "beyond data.limit"]
+    pairs = {r["item_id"] for r in pq.read_table(str((root / "state").resolve())).to_pylist() if r["kind"] == "pair"}
+    assert pairs == {1, 2, 3}

@@ -1,5 +1,6 @@
-"""The activity-log sources (movielens_tags, movielens_ratings) on generated files in the exact
-MovieLens formats, including incremental loads over two days."""
+"""The MovieLens tags and ratings logs (data.source=movielens_tags / movielens_ratings: presets of the
+events source) on generated files in the exact MovieLens formats, including incremental loads over
+two days."""
 
 from __future__ import annotations
 
@@ -9,14 +10,25 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from pyspark.sql import functions as F
 
 from pipelines.config import load_config
 from pipelines.ingest import run_ingest
 from pipelines.sources import InputError
-from pipelines.sources import logs as lg
+from pipelines.sources import events as ev
+from pipelines.sources.shaping import long_vectors
 
 DAY1 = 1704153600  # 2024-01-02T00:00:00Z
 DAY2 = DAY1 + 86400
+
+# The logs sources' quarantine reasons, word for word: the presets keep them.
+MALFORMED = "malformed line (wrong number of fields)"
+BAD_ID = "non-integer userId or movieId"
+BAD_TIMESTAMP = "unparseable timestamp"
+BAD_RATING = "rating not in 0.5..5.0 in steps of 0.5"
+UNKNOWN_MOVIE = "unknown movieId (not in movies.csv)"
+DUPLICATE = "duplicate event"
+NO_VOCAB = "movie has no tag in the vocabulary"
 
 MOVIES = (
     "movieId,title,genres\n"
@@ -92,11 +104,12 @@ def read_tables(spark, root: Path):
 
 def test_normalise_tag_case_whitespace_and_nfkc(spark):
     df = spark.createDataFrame([("  SCI-FI ",), ("ＳＣＩ－ＦＩ",), ("Ame\u0301lie",), ("a\u00a0 b\tc",), (None,)], "t string")
-    got = [r[0] for r in df.select(lg.normalise_tag("t")).collect()]
+    got = [r[0] for r in df.select(ev.normalise_token("t")).collect()]
     assert got == ["sci-fi", "sci-fi", "amélie", "a b c", None]
 
 
-def test_ratings_reasons_scale_and_duplicates(spark):
+def test_ratings_reasons_scale_and_duplicates(spark, tmp_path):
+    ec = ev.settings(cfg_for(tmp_path, "movielens_ratings"))[0]
     lines = spark.createDataFrame(
         [
             ("1", "1", "4.5", str(DAY1), None),
@@ -109,18 +122,18 @@ def test_ratings_reasons_scale_and_duplicates(spark):
             ("1", "1", "4.5", str(DAY1), None),  # duplicate event
         ],
         "userId string, movieId string, rating string, timestamp string, _corrupt_record string",
-    ).withColumn("source_file", lg.F.lit("r.csv")).withColumn("load", lg.F.lit("d"))
-    got = sorted(((r["raw"], r["reason"]) for r in lg.parse_events(lines, "rating").collect()), key=str)
+    ).withColumn("_file", F.lit("r.csv")).withColumn("_load", F.lit("d"))
+    got = sorted(((r["raw"], r["reason"]) for r in ev.parse(lines, ec).collect()), key=str)
     assert got == sorted(
         [
             ("1,1,4.5,1704153600", None),
-            ("1,1,4.5,1704153600", lg.DUPLICATE),
-            ("1,2,5.5,1704153600", lg.BAD_RATING),
-            ("1,3,0.0,1704153600", lg.BAD_RATING),
-            ("1,4,3.25,1704153600", lg.BAD_RATING),
-            ("1,5,abc,1704153600", lg.BAD_RATING),
+            ("1,1,4.5,1704153600", DUPLICATE),
+            ("1,2,5.5,1704153600", BAD_RATING),
+            ("1,3,0.0,1704153600", BAD_RATING),
+            ("1,4,3.25,1704153600", BAD_RATING),
+            ("1,5,abc,1704153600", BAD_RATING),
             ("1,6,4,2024-01-02 10:00:00", None),
-            ("1,7,4,soon", lg.BAD_TIMESTAMP),
+            ("1,7,4,soon", BAD_TIMESTAMP),
         ],
         key=str,
     )
@@ -141,8 +154,8 @@ def test_tags_two_days_incremental_then_reload_changes_nothing(spark, tmp_path):
     assert (m1["rows_in"], m1["rows_used"], m1["rows_quarantined"]) == (13, 5, 8)
     assert m1["items_without_vocab_tags"] == 2 and m1["items_without_vocab_tags_sample"] == [11, 99]
     reasons = [r for r, _ in quarantine]
-    assert reasons.count(lg.NO_VOCAB) == 3 and reasons.count(lg.DUPLICATE) == 1
-    assert {lg.MALFORMED, lg.BAD_TIMESTAMP, lg.BAD_ID, lg.UNKNOWN_MOVIE} <= set(reasons)
+    assert reasons.count(NO_VOCAB) == 3 and reasons.count(DUPLICATE) == 1
+    assert {MALFORMED, BAD_TIMESTAMP, BAD_ID, UNKNOWN_MOVIE} <= set(reasons)
     assert m1["loads"] == ["date=2024-01-02"]
     items = {r["item_id"]: (r["title"], list(r["genres"])) for r in table(root, "items")}
     assert items[4973][0].startswith("Amélie (Fabuleux destin")
@@ -158,8 +171,8 @@ def test_tags_two_days_incremental_then_reload_changes_nothing(spark, tmp_path):
     assert feats2[260] == [1.0, 0.0, 0.0, 0.0]  # sci-fi 4 times now
     assert feats2[11] == [0.0, 0.0, 0.0, 1.0]  # romance 2 (one per day); "politics, us" once
     assert feats2[1] == [0.0, 0.0, 1.0, 0.0]  # pixar 2, toys 1 (below support)
-    assert quarantine2 == [(lg.MALFORMED, "broken line with no commas")]
-    state = {(r["item_id"], r["tag"]): r["n"] for r in table(root, "state") if r["kind"] == "count"}
+    assert quarantine2 == [(MALFORMED, "broken line with no commas")]
+    state = {(r["item_id"], r["token"]): r["n"] for r in table(root, "state") if r["kind"] == "pair"}
     assert state[(260, "sci-fi")] == 4 and state[(11, "politics, us")] == 1
 
     # Loading day 2 again changes nothing: both partitions are recorded in the state.
@@ -193,15 +206,21 @@ def test_tags_flat_file_with_since_reads_new_events_and_weightings(spark, tmp_pa
     assert read_tables(spark, tmp_path / "out")[0] == feats
 
 
-def test_tfidf_and_relevance_weightings(spark):
+def test_tfidf_and_relevance_weightings(spark, tmp_path):
     counts = spark.createDataFrame(
-        [(1, "a", 2, 0), (1, "b", 1, 0), (2, "a", 1, 0), (3, "zz", 5, 0)], "item_id long, tag string, n long, ts long"
-    )
-    vocab = lg.vocabulary(counts, 2, 2)
+        [(1, "a", 2, 0), (1, "b", 1, 0), (2, "a", 1, 0), (3, "zz", 5, 0)], "item_id long, token string, n long, ts long"
+    ).selectExpr("item_id", "cast(item_id as string) as source_id", "token", "cast(n as double) as w", "n", "ts")
+    vocab = ev.vocabulary(counts, 2, 2)
     assert vocab == [("zz", 5, 1), ("a", 3, 2)]  # "b" (1 application) is below support
-    rel = {r["item_id"]: r["features"] for r in lg.tag_vectors(spark, counts, vocab, "relevance").collect()}
-    assert rel == {1: [0.0, 1.0], 2: [0.0, 1.0], 3: [1.0, 0.0]}
-    tfidf = {r["item_id"]: r["features"] for r in lg.tag_vectors(spark, counts, vocab, "tfidf").collect()}
+
+    def vectors(weighting: str) -> dict[int, list[float]]:
+        ec = ev.settings(cfg_for(tmp_path, "movielens_tags", f"data.logs.weighting={weighting}"))[0]
+        rows = ev.weighted(counts, vocab, ec).withColumn("reason", F.lit(None).cast("string"))
+        vecs = long_vectors(rows.withColumn("meta", F.struct("source_id")), [t for t, _, _ in vocab], fill=True)
+        return {r["item_id"]: r["vec"] for r in vecs.collect()}
+
+    assert vectors("relevance") == {1: [0.0, 1.0], 2: [0.0, 1.0], 3: [1.0, 0.0]}
+    tfidf = vectors("tfidf")
     idf_a, idf_zz = math.log(4 / 3) + 1, math.log(4 / 2) + 1  # 3 movies; a in 2, zz in 1
     assert tfidf[1] == pytest.approx([0.0, idf_a]) and tfidf[3] == pytest.approx([idf_zz, 0.0])
 
@@ -227,7 +246,7 @@ def test_ratings_item_and_user_vectors_are_mean_centred(spark, tmp_path):
     assert feats == {1: [1.0, 1.0], 11: [-1.0, 0.0], 260: [0.0, -1.0]}
     # user 3's rating has no column (width 2) -> its movie 1 still has a vector: used.
     assert (m["rows_in"], m["rows_used"], m["rows_quarantined"]) == (7, 5, 2)
-    assert sorted(r for r, _ in quarantine) == sorted([lg.BAD_RATING, lg.DUPLICATE])
+    assert sorted(r for r, _ in quarantine) == sorted([BAD_RATING, DUPLICATE])
 
     m = run_ingest(spark, cfg_for(tmp_path, "movielens_ratings", "data.ratings.entity=user", "data.ratings.columns=hash",
                                   "data.ratings.width=8"))
@@ -240,11 +259,13 @@ def test_ratings_item_and_user_vectors_are_mean_centred(spark, tmp_path):
 def test_missing_input_and_foreign_state_are_named(spark, tmp_path):
     (tmp_path / "in").mkdir()
     with pytest.raises(InputError, match=r"no tags.csv and no tags/date="):
-        lg.check_tags(cfg_for(tmp_path))
+        ev.check(cfg_for(tmp_path))
     write(tmp_path / "in" / "tags.csv", "userId,movieId,tag\n1,2,x\n")
     with pytest.raises(InputError, match="header"):
-        lg.check_tags(cfg_for(tmp_path))
-    state = spark.createDataFrame([("movielens_tags", "count", 1, None, "x", 1, None, 0, None)], lg.STATE)
+        ev.check(cfg_for(tmp_path))
+    # A tags state (pairs of movieId/tag) under the root a ratings ingest is pointed at.
+    state = spark.createDataFrame([("movielens_tags", "columns", None, "movieId", "tag") + (None,) * 7], ev.STATE)
     state.write.parquet(str(tmp_path / "out" / "state"))
+    ratings = ev.settings(cfg_for(tmp_path, "movielens_ratings"))[0]
     with pytest.raises(InputError, match=r"state of source 'movielens_tags', not 'movielens_ratings'"):
-        lg.read_state(spark, str(tmp_path / "out"), "movielens_ratings")
+        ev.read_state(spark, str(tmp_path / "out"), "movielens_ratings", ratings)

@@ -138,3 +138,24 @@ def test_check_names_the_problem(tmp_path):
     (tmp_path / "odd.bin").write_text("?")
     with pytest.raises(InputError, match="data.table.format"):
         check_inputs(cfg_for(tmp_path, tmp_path / "odd.bin"))
+
+
+@pytest.mark.parametrize("shape", ["wide", "long"])
+def test_limit_keeps_the_smallest_ids_and_quarantines_the_rest(spark, tmp_path, shape):
+    # data.limit=2: ids 1 and 3 (the two smallest valid ones) are published, 5 and 9 quarantined as
+    # beyond the limit; the bad row (id 2, a non-number) does not take a place.
+    if shape == "wide":
+        text = "id,a,b\n9,1,1\n3,2,2\n5,3,3\n1,4,4\n2,x,5\n"
+        extra = []
+    else:
+        text = "id,feature,value\n9,a,1\n3,a,2\n3,b,2\n5,a,3\n1,b,4\n2,a,x\n"
+        extra = ["data.table.shape=long"]
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    m = run_ingest(spark, cfg_for(tmp_path, path, "data.limit=2", "data.table.id_type=long", *extra))
+    root = tmp_path / "out"
+    assert features(root) == ({1: [4.0, 4.0], 3: [2.0, 2.0]} if shape == "wide" else {1: [0.0, 4.0], 3: [2.0, 2.0]})
+    reasons = sorted(r["reason"] for r in rows(root, "quarantine"))
+    assert reasons == sorted(["beyond data.limit", "beyond data.limit",
+                              "null or non-numeric value in " + ("a" if shape == "wide" else "value")])
+    assert counts(m) == ((5, 2, 3) if shape == "wide" else (6, 3, 3))

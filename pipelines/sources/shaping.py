@@ -24,6 +24,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.sources import InputError, SourceResult
+from pipelines.sources.tag_genome import OVER_LIMIT
 
 BAD_ID = "null or non-integer id"
 BAD_VALUE = "null or non-numeric value"
@@ -201,6 +202,20 @@ def long_vectors(rows: DataFrame, names: list[str], fill: bool) -> DataFrame:
     return per.select("item_id", vec.alias("vec"), complete.alias("complete"), "meta")
 
 
+def over_limit(rows: DataFrame, limit: int, ids: DataFrame | None = None) -> DataFrame:
+    """``rows`` (item_id, reason) with the valid rows of every id beyond the ``limit`` smallest valid ids
+    (of ``ids``, item_id, when given: the complete vectors) given the reason ``beyond data.limit``: the
+    first N items, the same on every run. ``limit`` 0 = all."""
+    if not limit:
+        return rows
+    ids = rows.filter(F.col("reason").isNull()) if ids is None else ids
+    max_id = ids.select("item_id").distinct().orderBy("item_id").limit(limit).agg(F.max("item_id")).first()[0]
+    if max_id is None:
+        return rows
+    beyond = F.col("reason").isNull() & (F.col("item_id") > max_id)
+    return rows.withColumn("reason", F.when(beyond, F.lit(OVER_LIMIT)).otherwise(F.col("reason")))
+
+
 # ---------------------------------------------------------------- composition
 
 
@@ -209,16 +224,19 @@ def _f32(col: str) -> Column:
 
 
 def shaped(
-    table: DataFrame, sc, *, source: str, origin: str, what: str, extra: dict, items_extra: list[str] = ()
+    table: DataFrame, sc, *, source: str, origin: str, what: str, extra: dict, items_extra: list[str] = (),
+    limit: int = 0,
 ) -> SourceResult:
     """``table`` in ``sc.shape`` -> the source's result: features, items (item_id + metadata
     columns + ``items_extra``, which are metadata columns not named by the config, e.g. a string
-    id's original value), quarantine (``origin`` as its source_file) and counts.
+    id's original value), quarantine (``origin`` as its source_file) and counts. ``limit`` > 0 keeps
+    the vectors of the ``limit`` smallest item ids (``data.limit``); the rows of the others are
+    quarantined as beyond it (:func:`over_limit`).
 
     Raises InputError naming ``what`` when a named column is missing or nothing valid is left."""
     metadata = [*dict.fromkeys([*sc.metadata_columns, *items_extra])]
     if sc.shape == "long":
-        return _long(table, sc, metadata, source=source, origin=origin, what=what, extra=extra)
+        return _long(table, sc, metadata, source=source, origin=origin, what=what, extra=extra, limit=limit)
     if sc.shape == "array":
         columns = [sc.array_column]
         _need(table, columns, source)
@@ -231,7 +249,8 @@ def shaped(
         dim = array_width(table, columns[0], source)
         names = [f"{columns[0]}[{i}]" for i in range(dim)]
         extra = {k: ({**v, "shape": "array"} if isinstance(v, dict) and "shape" in v else v) for k, v in extra.items()}
-    rows = wide_rows(table, sc.id_column, columns, metadata, source, dim).persist(StorageLevel.MEMORY_AND_DISK)
+    cached = wide_rows(table, sc.id_column, columns, metadata, source, dim).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = over_limit(cached, limit)
     good = rows.filter(F.col("reason").isNull())
     quarantine = rows.filter(F.col("reason").isNotNull()).select(F.lit(origin).alias("source_file"), "raw", "reason")
     return SourceResult(
@@ -243,11 +262,12 @@ def shaped(
         rows_in=rows.count,
         rows_used=None,
         extra=extra,
-        cleanup=rows.unpersist,
+        cleanup=cached.unpersist,
     )
 
 
-def _long(table: DataFrame, sc, metadata: list[str], *, source: str, origin: str, what: str, extra: dict) -> SourceResult:
+def _long(table: DataFrame, sc, metadata: list[str], *, source: str, origin: str, what: str, extra: dict,
+          limit: int = 0) -> SourceResult:
     rows = long_rows(table, sc.id_column, sc.feature_column, sc.value_column, metadata, source)
     rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
     names = [
@@ -258,13 +278,17 @@ def _long(table: DataFrame, sc, metadata: list[str], *, source: str, origin: str
         rows.unpersist()
         raise InputError(f"{source}: {what} has no valid (id, feature, value) row")
     vecs = long_vectors(rows, names, sc.fill_missing).persist(StorageLevel.MEMORY_AND_DISK)
-    features = vecs.filter("complete").select("item_id", _f32("vec").alias("features"))
     incomplete = vecs.filter(~F.col("complete")).select("item_id", F.lit(True).alias("_inc"))
     flagged = rows.join(incomplete, "item_id", "left").withColumn(
         "reason", F.coalesce(F.col("reason"), F.when(F.col("_inc"), F.lit(INCOMPLETE)))
     )
+    flagged = over_limit(flagged, limit, vecs.filter("complete"))
+    kept = vecs.filter("complete")
+    if limit:
+        kept = kept.join(flagged.filter(F.col("reason").isNull()).select("item_id").distinct(), "item_id")
+    features = kept.select("item_id", _f32("vec").alias("features"))
     quarantine = flagged.filter(F.col("reason").isNotNull()).select(F.lit(origin).alias("source_file"), "raw", "reason")
-    items = vecs.filter("complete").select("item_id", *[F.col(f"meta.{c}").alias(c) for c in metadata])
+    items = kept.select("item_id", *[F.col(f"meta.{c}").alias(c) for c in metadata])
 
     def cleanup() -> None:
         vecs.unpersist()

@@ -8,7 +8,8 @@ the code the JDBC source uses: wide, long ``(id, feature, value)`` or array.
 Ids: an integer id column is the item id. Other ids (``id_type``) are mapped to a stable ``long``
 (``shaping.stable_id``: the same string gives the same id on every run) and published beside it in
 ``items/`` as ``source_id`` -- the mapping. ``metadata_columns`` go to ``items/``, and
-``label_column`` as ``label``, the column evaluation and the maps use.
+``label_column`` as ``label``, the column evaluation and the maps use. ``data.limit`` keeps the
+vectors of the N smallest item ids (of each load); the rows of the others are quarantined as beyond it.
 
 Partitioned input (``KEY=VALUE/`` folders, e.g. ``date=2024-01-31/``) loads incrementally, as the
 log sources do: the ``loads`` table under ``paths.root`` (published with the features) lists the
@@ -232,7 +233,8 @@ def read(spark: SparkSession, cfg) -> SourceResult:
     if not parts:
         table, items_extra = prepare_ids(read_table(spark, cfg.data.input, fmt, cfg.data.options), tc, origin)
         tc = text_features(table, tc, items_extra)
-        return shaped(table, tc, source="table", origin=origin, what=origin, extra=extra, items_extra=items_extra)
+        return shaped(table, tc, source="table", origin=origin, what=origin, extra=extra, items_extra=items_extra,
+                      limit=cfg.data.limit)
     return partitioned(spark, cfg, fmt, parts, extra)
 
 
@@ -275,7 +277,8 @@ def partitioned(spark: SparkSession, cfg, fmt: str, parts: list[tuple[str, str]]
     tc = text_features(table, tc, items_extra)
     kept, superseded = latest_rows(table, tc.id_column, origin)
     superseded = superseded.persist(StorageLevel.MEMORY_AND_DISK)
-    res = shaped(kept, tc, source="table", origin=origin, what=origin, extra=extra, items_extra=items_extra)
+    res = shaped(kept, tc, source="table", origin=origin, what=origin, extra=extra, items_extra=items_extra,
+                 limit=cfg.data.limit)
     new_loads = table.groupBy(F.col("_load").alias("load")).agg(F.count("*").alias("rows")).select(
         F.lit("table").alias("source"), "load", "rows"
     )
