@@ -15,8 +15,8 @@ prints each one (copy-pasteable) with the seconds it took here:
 2. ``sae train --preset P train.split_column=split train.train_value=train`` for each ``--preset``
    (default ``mnist_protocol_30``, Hinton's 30-D code, then ``mnist_protocol``, the 2-D map): trained
    on the training split only; the evaluation at the end of the training scores the autoencoder,
-   PCA and (when umap-learn is importable) UMAP of the same width, each fitted on the training split
-   and scored on the test split: squared error per test image, 5-NN and 1-NN accuracy (classifier
+   PCA and (with the preset's ``evaluate.umap``, when umap-learn is importable: the 2-D preset) UMAP
+   of the same width, each fitted on the training split and scored on the test split: squared error per test image, 5-NN and 1-NN accuracy (classifier
    fitted on the training codes), trustworthiness at k=5 on training items (the published protocol)
    and on test items, continuity, fit seconds.
 
@@ -256,12 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data_in = data
     common = [f"paths.root={root}"]
-    umap = importlib.util.find_spec("umap") is not None
-    user_umap = any(o.startswith("evaluate.umap=") for o in args.overrides)
-    train_over = ["mlflow.experiment=protocol", "mlflow.registered_model=", *SPLIT, *(QUICK if args.quick else []),
-                  *(["evaluate.umap=true"] if umap and not user_umap else [])]
-    if not umap:
-        notes.append("UMAP not measured: umap-learn is not installed (`pip install umap-learn==0.5.12 numba==0.61.2`).")
+    train_over = ["mlflow.experiment=protocol", "mlflow.registered_model=", *SPLIT, *(QUICK if args.quick else [])]
     pixels = image_size(found["train"][0])
     plans = []
     try:
@@ -275,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if any(cfg.evaluate.umap for _, cfg, _ in plans) and importlib.util.find_spec("umap") is None:
+        notes.append("UMAP not measured: umap-learn is not installed (`pip install umap-learn==0.5.12 numba==0.61.2`).")
 
     done: list[dict] = []
     ingest = run_command([*sae(), "ingest", "data.source=mnist", f"data.input={data_in}", *common, *args.overrides], done)
