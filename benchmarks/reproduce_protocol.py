@@ -23,7 +23,7 @@ prints each one (copy-pasteable) with the seconds it took here:
 The table (``protocol.md``, with everything in ``protocol.json``, under ``--root``) puts those rows
 beside the published MNIST numbers: Hinton & Salakhutdinov (2006) for the 30-D code and the table of
 Sainburg, McInnes & Gentner (2021) for 2-D maps. ``--quick`` runs the same pipeline on at most
-5,000 training / 1,000 test images with 1 pretraining epoch per layer and 2 fine-tuning epochs: a
+3,000 training / 1,000 test images with 1 pretraining epoch per layer and 2 fine-tuning epochs: a
 smoke check in a few minutes, not a measurement. Extra ``key=value`` arguments are passed to every
 command (they override the presets and ``--quick``'s settings).
 """
@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = ["mnist_protocol_30", "mnist_protocol"]
-QUICK_ROWS = {"train": 5000, "test": 1000}
+QUICK_ROWS = {"train": 3000, "test": 1000}
 QUICK = ["pretrain.epochs=1", "finetune.epochs=2", "evaluate.max_items=1000", "evaluate.max_fit_items=5000"]
 SPLIT = ["train.split_column=split", "train.train_value=train"]
 

@@ -56,14 +56,16 @@ def test_quick_protocol_on_a_tiny_idx_folder(tmp_path):
     assert all("train.split_column=split" in c["argv"] for c in doc["commands"][1:])
     assert [r["code"] for r in doc["runs"]] == [30, 2]
     for run in doc["runs"]:
-        assert run["metrics"]["n_test"] == N_TEST
-        assert run["metrics"]["n_train"] <= N_TRAIN
+        assert run["metrics"]["n_test"] == N_TEST  # every test image scored, none trained on
+        assert 0.8 * N_TRAIN <= run["metrics"]["n_train"] <= N_TRAIN
     ours = {(r["code"], r["kind"]): r["ours"] for r in doc["rows"] if r["kind"] != "published"}
     for code in (30, 2):
         for method in ("ae", "pca"):
             row = ours[(code, method)]
-            assert all(math.isfinite(row[k]) for k in ("squared_error", "knn_accuracy", "trustworthiness",
-                                                       "trustworthiness_train")), row
-            assert 0.1 < row["knn_accuracy"] <= 1.0  # ten digit classes: far above chance even on 300 images
+            assert row["squared_error"] > 0 and math.isfinite(row["squared_error"]), row
+            for k in ("knn_accuracy", "knn1_accuracy", "trustworthiness", "trustworthiness_train", "continuity"):
+                assert 0.0 <= row[k] <= 1.0, (code, method, k, row)
+        # PCA fitted on 300 real digits separates them far above the 0.1 of chance (measured 0.81 / 0.50).
+        assert ours[(code, "pca")]["knn_accuracy"] > 0.35
     table = (out / "protocol.md").read_text()
     assert f"`{data}`" in table and "MNIST published" in table and "13.87" in table and "0.961" in table
