@@ -96,11 +96,12 @@ def idx_splits(data: Path) -> dict[str, tuple[Path, Path]]:
 
     try:
         found = {split: (img, lab) for split, img, lab in pairs(str(data))}
+        if set(found) != {"train", "test"}:
+            raise InputError(f"{data}: expected train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz] with "
+                             f"their labels files, found the splits {sorted(found)}")
     except InputError as exc:
-        raise SystemExit(f"input error: {exc}") from None
-    if set(found) != {"train", "test"}:
-        raise SystemExit(f"input error: {data}: expected train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz] "
-                         f"with their labels files, found splits {sorted(found)}")
+        print(f"input error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,22 @@ def test_write_idx_reads_back(tmp_path):
     x = (np.arange(2 * 28 * 28) * 7 % 256).astype(np.uint8).reshape(2, 28, 28)
     for name in ("a-images-idx3-ubyte", "a-images-idx3-ubyte.gz"):
         assert (parse_idx(write_idx(tmp_path / name, x), IMAGES_MAGIC, 3) == x).all()
+
+
+def test_a_folder_without_both_splits_is_an_input_error(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("reproduce_protocol", ROOT / "benchmarks/reproduce_protocol.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = tmp_path / "only-test"
+    write_idx(data / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
+    write_idx(data / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--data", str(data), "--quick", "--root", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"input error: {data}: expected train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz] with their "
+        "labels files, found the splits ['test']")
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
 
 
 @pytest.mark.slow
