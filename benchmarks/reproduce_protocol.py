@@ -163,7 +163,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
         pub = {m: (src, v) for c, m, src, v in PUBLISHED if c == width}
         for r in (r for r in runs if r["code"] == width):
             m = r.get("metrics") or {}
-            label = f"sae-maps autoencoder, `--preset {r['preset']}`"
+            label = f"sae-maps autoencoder, `--preset {r['preset']}` (fine-tuning loss {r['loss']})"
             if r["rc"] != 0:
                 label += f" (failed: exit {r['rc']})"
             rows.append({"code": width, "kind": "ae", "method": label, "source": "this run", "ours": pick(m, "ae"), "published": {}})
@@ -199,7 +199,7 @@ def report(data: Path, args: argparse.Namespace, runs: list[dict], done: list[di
     k_knn, k_tw = ks.pop() if len(ks) == 1 else ("k", "k")
     rows = table_rows(runs)
     m = next((r["metrics"] for r in runs if r.get("metrics")), {})
-    n = f"{m['n_train']:.0f} training / {m['n_test']:.0f} test items" if "n_train" in m and "n_test" in m else "split sizes not reported"
+    n = f"{m['n_train']:,.0f} training / {m['n_test']:,.0f} test items" if "n_train" in m and "n_test" in m else "split sizes not reported"
     caption = [
         f"**Data: `{data}`** ({n}; split `train` trained on, every other item scored; the same split for every "
         f"method of a row group). This run's columns: kNN classifiers fitted on the training items' codes and "
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for preset, cfg, over in plans:
         step = run_command([*sae(), "train", "--preset", preset, *over, *args.overrides], done)
         out = step["output"] or {}
-        runs.append({"preset": preset, "code": cfg.model.layers[-1], "k_knn": cfg.evaluate.k_knn, "k_tw": cfg.evaluate.k_tw,
+        runs.append({"preset": preset, "code": cfg.model.layers[-1], "loss": cfg.finetune.loss, "k_knn": cfg.evaluate.k_knn, "k_tw": cfg.evaluate.k_tw,
                      "rc": step["rc"], "seconds": step["seconds"], "run_id": out.get("run_id"),
                      "model_uri": out.get("model_uri"), "health": out.get("health"), "metrics": out.get("metrics")})
         # Written after every model, so a long run that is stopped still leaves its rows.
