@@ -558,8 +558,9 @@ def open_source(
 ) -> InMemorySource | StreamingSource:
     """Check the table, then keep it on the device if it fits ``in_memory_max_mb``, else stream it.
 
-    ``split`` (:func:`read_split`; None = the hash split of ``val_fraction`` alone): rows outside its
-    training split are test rows, never loaded, checked, batched or validated on. Raises
+    ``split`` (:func:`read_split`, whose own ``val_fraction`` then applies; None = the hash split of
+    ``val_fraction`` alone): rows outside its training split are test rows, never loaded, checked,
+    batched or validated on. Raises
     ``DataError`` when the table breaks the contract or the split keeps none of its rows."""
     split = split or Split(val_fraction)
     info = inspect_table(uri, dim)

@@ -1,7 +1,8 @@
 """Map-quality metrics: how well a low-dimensional map keeps the data's structure.
 
-PCA and trustworthiness/continuity are scikit-learn's (the latter up to ``SKLEARN_MAX_ITEMS``
-items, beyond which its n x n arrays would not fit and a blocked numpy version takes over); the
+PCA, trustworthiness/continuity (up to ``SKLEARN_MAX_ITEMS`` items, beyond which its n x n arrays
+would not fit and a blocked numpy version giving the same number takes over) and the train -> test
+kNN classifier of the split protocol (``evaluate_protocol``) are scikit-learn's; the leave-one-out
 exact kNN lists are computed here in float64 row blocks, so that n=10,000 x d=784 needs a few
 hundred MB at most and never an n x n matrix at once.
 

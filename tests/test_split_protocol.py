@@ -92,6 +92,17 @@ def test_split_training_never_touches_a_test_row(poisoned, tmp_path, in_memory_m
         torch.testing.assert_close(got["model"][key], w, atol=1e-6, rtol=0)
 
 
+def test_global_neighbour_graph_is_built_on_training_rows_only(poisoned, tmp_path):
+    # A NaN row in the exact kNN graph would make every distance to it NaN and the UMAP loss with it.
+    r = train(
+        ModelConfig(layers=[32, 8, 2]), PretrainConfig(method="none"),
+        FinetuneConfig(epochs=2, lr=0.01, optimizer="adam", loss="umap", neighbor_graph="global", neighbor_batch_size=100),
+        TrainConfig(seed=1, progress=False, split_column="split"), poisoned["poisoned"], poisoned["items"], OFF, tmp_path / "ck",
+    )
+    assert np.isfinite(r.metrics["val_sq_error_per_item"])
+    assert all(np.isfinite(h["train_loss"]) for h in ckpt.load_meta(tmp_path / "ck")["history"])
+
+
 def test_split_column_errors_name_the_column_and_the_values(poisoned):
     with pytest.raises(DataError, match=r"train.split_column=fold: .* has no column 'fold' \(columns: item_id, label, split\)"):
         read_split(poisoned["items"], "fold", "train", 0.1)
