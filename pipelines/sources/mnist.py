@@ -7,6 +7,7 @@ Item ids run over the splits in order (train, then test), so they stay unique wh
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import re
@@ -81,6 +82,20 @@ def parse_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     if len(data) != expected:
         raise InputError(f"{path}: {len(data)} bytes, expected {expected} for dimensions {dims} (truncated?)")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` (uint8; images ``(n, height, width)`` or labels ``(n,)``) as an idx file that
+    :func:`parse_idx` reads back: magic ``0x0800 + ndim`` (0x803 images, 0x801 labels, per LeCun's
+    format description), big-endian dimensions, the bytes; gzipped when ``path`` ends in ``.gz``.
+    Returns ``path``. Raises ValueError for another dtype."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path}: idx files written here hold uint8, got {array.dtype}")
+    data = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data += np.ascontiguousarray(array).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, compresslevel=1) if path.name.endswith(".gz") else data)
+    return path
 
 
 def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
