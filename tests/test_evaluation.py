@@ -49,9 +49,11 @@ def test_squared_error_per_item_by_hand():
         squared_error_per_item(x, x_hat[:, :1])
 
 
-def test_pca_matches_numpy_svd_reconstruction():
+@pytest.mark.parametrize("n, solver", [(60, "full"), (400, "covariance_eigh")])  # wide-ish, and tall data
+def test_pca_matches_numpy_svd_reconstruction(n, solver):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8)) + 3.0
+    x = rng.normal(size=(n, 8)) @ rng.normal(size=(8, 8)) + 3.0
+    assert PCA(2).fit(x).svd_solver == solver
     mean = x.mean(axis=0)
     u, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     for k in (1, 3, 8):
@@ -64,9 +66,10 @@ def test_pca_matches_numpy_svd_reconstruction():
     assert PCA(8).fit(x).explained_variance_ratio_.sum() == pytest.approx(1.0)
 
 
-def test_pca_sign_convention_is_deterministic():
+@pytest.mark.parametrize("n", [40, 400])
+def test_pca_sign_convention_is_deterministic(n):
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(40, 5)) * np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    x = rng.normal(size=(n, 5)) * np.array([5.0, 4.0, 3.0, 2.0, 1.0])
     a = PCA(3).fit(x).components_
     b = PCA(3).fit(-x).components_  # same axes, SVD may return them flipped
     np.testing.assert_allclose(a, b, atol=1e-12)
