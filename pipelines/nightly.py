@@ -6,11 +6,13 @@ skips what is done and continues where the last attempt failed. ``STEPS`` is the
 (``jobs/nightly.py``), the Airflow DAG (``jobs/nightly_dag.py``) and the tests all read it.
 
 The fixed holdout: the items of the training split's own hash holdout (``train.val_fraction``; the
-trainer never fits them and does not select on them), with their vectors frozen the first night into
+trainer never fits them and does not select on them), or, with ``train.split_column``, every item
+outside the training split (the protocol's test items, scored as ``sae train`` scores them:
+``sae_model.evaluation.evaluate_protocol``), with their vectors frozen the first night into
 ``paths.root/nightly/holdout.npz``. Champion and challenger are scored on exactly those rows every
 night, so a damaged feed (which also damages today's vectors) cannot flatter the model trained on
-it. The snapshot is re-frozen only when the feature set (vocabulary) changes, since old vectors
-then no longer fit the models' input.
+it. The snapshot is re-frozen only when the feature set (vocabulary) or that choice of rows
+changes, since old vectors then no longer fit the models' input or the question asked.
 """
 
 from __future__ import annotations
@@ -259,75 +261,129 @@ def step_train(spark: SparkSession | None, cfg: Config, state: NightState) -> di
 # ---------------------------------------------------------------- 3. evaluate
 
 
+def holdout_rule(cfg: Config) -> str:
+    """Which rows the nightly holds out, as recorded with the frozen snapshot: ``"hash"`` (the
+    training split's ``train.val_fraction`` hold-out) or, with ``train.split_column``,
+    ``"split:COLUMN!=VALUE"`` (every item outside the training split: the protocol's test items)."""
+    t = cfg.train
+    return f"split:{t.split_column}!={t.train_value}" if t.split_column else "hash"
+
+
 def holdout(
     cfg: Config, manifest: dict[str, Any], data: Pinned | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(ids, frozen holdout vectors, a training sample for the PCA baseline, whether it was (re)frozen now).
-    ``data``: the ingest version to read (default: the current one)."""
-    from sae_model.data import is_validation, load_table
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(held-out ids, their frozen vectors, ids and vectors of a training sample (PCA baseline; kNN
+    classifier under the split), whether the snapshot was (re)frozen now). ``data``: the ingest version
+    to read (default: the current one).
+
+    Which rows: ``sae_model.data.read_split``'s one rule. Without ``train.split_column`` the
+    validation hold-out of the hash split (``train.val_fraction``); with it, every row outside the
+    training split (the rows ``sae train`` never reads and ``evaluate_split`` scores). The snapshot
+    is frozen again when the feature set or that rule changes. Raises ``NightlyError`` for fewer
+    than 3 held-out rows, ``DataError`` as ``read_split`` does."""
+    from sae_model.data import load_table, read_split
 
     data = data or pin(cfg.paths.root, "ingest")
     ids, x = load_table(data.uri("features"), int(manifest["dim"]))
-    val = is_validation(ids, cfg.train.val_fraction)
+    t = cfg.train
+    split = read_split(data.uri("items"), t.split_column, t.train_value, t.val_fraction)
+    if split.has_test:
+        fit = split.in_training_split(ids)
+        held = ~fit
+    else:
+        held = split.roles(ids)[1]  # the validation rows of the hash split
+        fit = ~held
     rng = np.random.default_rng(0)
-    train_rows = np.flatnonzero(~val)
+    train_rows = np.flatnonzero(fit)
     if len(train_rows) > cfg.nightly.baseline_max_items:
         train_rows = np.sort(rng.choice(train_rows, cfg.nightly.baseline_max_items, replace=False))
-    sha = _names_sha(manifest["feature_names"])
+    sha, rule = _names_sha(manifest["feature_names"]), holdout_rule(cfg)
     path = local_path(cfg.paths.root) / "nightly" / "holdout.npz"
     if path.exists():
         snap = np.load(path)
-        if str(snap["feature_names_sha"]) == sha:
-            return snap["item_id"], snap["features"], x[train_rows], False
-        log.warning("feature set changed: the holdout snapshot is frozen again from today's vectors")
-    if val.sum() < 3:
+        snap_rule = str(snap["rule"]) if "rule" in snap.files else "hash"  # snapshots before the split key
+        if str(snap["feature_names_sha"]) == sha and snap_rule == rule:
+            return snap["item_id"], snap["features"], ids[train_rows], x[train_rows], False
+        what = "feature set" if snap_rule == rule else f"holdout rule ({snap_rule} -> {rule})"
+        log.warning("%s changed: the holdout snapshot is frozen again from today's vectors", what)
+    if held.sum() < 3:
+        why = (f"items outside the training split ({t.split_column} != {t.train_value!r})" if split.has_test
+               else f"train.val_fraction={t.val_fraction} of {len(ids)}")
         raise NightlyError(
-            f"the holdout has {int(val.sum())} items (train.val_fraction={cfg.train.val_fraction} of "
-            f"{len(ids)}); at least 3 are needed to compare models: raise train.val_fraction"
+            f"the holdout has {int(held.sum())} items ({why}); at least 3 are needed to compare models"
+            + ("" if split.has_test else ": raise train.val_fraction")
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".holdout.tmp.npz")
-    np.savez(tmp, item_id=ids[val], features=x[val], feature_names_sha=np.array(sha))
+    np.savez(tmp, item_id=ids[held], features=x[held], feature_names_sha=np.array(sha), rule=np.array(rule))
     os.replace(tmp, path)
-    return ids[val], x[val], x[train_rows], True
+    return ids[held], x[held], ids[train_rows], x[train_rows], True
+
+
+def _holdout_eval_cfg(n_hold: int, n_fit: int) -> Any:
+    """``EvaluateConfig`` for a holdout of ``n_hold`` rows: k scaled down for a small one, every row scored."""
+    from sae_model.config import EvaluateConfig
+
+    n = n_hold
+    return EvaluateConfig(
+        k_knn=min(5, n - 1), k_tw=max(1, min(12, (n - 1) // 2)), max_items=n, max_fit_items=n_fit, umap=False
+    )
 
 
 def holdout_metrics(encoder: Any, x_hold: np.ndarray, x_train: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
     """``sae_model.evaluation.evaluate`` of one model on every holdout row (PCA fitted on ``x_train``,
     k scaled down for a small holdout): its ``ae_*`` metrics and ``n_train``/``n_val``. Raises
     ``ValueError`` when the model cannot score the rows (another input width)."""
-    from sae_model.config import EvaluateConfig
     from sae_model.evaluation import evaluate
 
-    n = x_hold.shape[0]
-    cfg = EvaluateConfig(
-        k_knn=min(5, n - 1), k_tw=max(1, min(12, (n - 1) // 2)), max_items=n, max_fit_items=len(x_train), umap=False
-    )
-    metrics = evaluate(encoder, x_train, x_hold, labels, cfg).metrics
+    metrics = evaluate(encoder, x_train, x_hold, labels, _holdout_eval_cfg(len(x_hold), len(x_train))).metrics
     return {k: float(v) for k, v in metrics.items() if k.startswith("ae_") or k in ("n_train", "n_val")}
 
 
-def _score(model_uri: str, x_hold: np.ndarray, x_train: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    from sae_model.loading import load_encoder
+def protocol_holdout_metrics(
+    encoder: Any, x_test: np.ndarray, x_fit: np.ndarray, labels_test: Any, labels_fit: Any, kind: str
+) -> dict[str, float]:
+    """``sae_model.evaluation.evaluate_protocol`` of one model on every held-out test row
+    (``train.split_column``): the kNN classifier and PCA fitted on the training sample ``x_fit``, k
+    scaled down for a small holdout; its ``ae_*`` metrics (the names ``sae train``'s evaluation logs)
+    and ``n_train``/``n_test``. Raises ``ValueError`` when the model cannot score the rows (another
+    input width), ``DataError`` as ``evaluate_protocol`` does."""
+    from sae_model.evaluation import evaluate_protocol
 
-    return holdout_metrics(load_encoder(model_uri), x_hold, x_train, labels)
+    ecfg = _holdout_eval_cfg(len(x_test), len(x_fit))
+    metrics = evaluate_protocol(encoder, x_fit, x_test, labels_fit, labels_test, ecfg, kind=kind).metrics
+    return {k: float(v) for k, v in metrics.items() if k.startswith("ae_") or k in ("n_train", "n_test")}
 
 
 def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) -> dict[str, Any]:
-    """Challenger and champion on the same frozen holdout rows."""
+    """Challenger and champion on the same frozen holdout rows (``holdout``): with
+    ``train.split_column`` the test items, scored by ``evaluate_protocol`` as ``sae train`` scores them."""
     from sae_model.data import read_labels
+    from sae_model.evaluation import protocol_labels
+    from sae_model.loading import load_encoder
 
     data = ingest_version(cfg, state)
     manifest = _manifest(cfg, state)
-    ids, x_hold, x_train, frozen = holdout(cfg, manifest, data)
-    labels = read_labels(data.uri("items"), ids)
-    if labels is not None and any(v is None or v != v for v in labels):
-        labels = None  # labels only when every holdout item has one
+    ids, x_hold, fit_ids, x_train, frozen = holdout(cfg, manifest, data)
+    if cfg.train.split_column:
+        labels_fit, labels, kind = protocol_labels(data.uri("items"), fit_ids, ids)
+
+        def score(uri: str) -> dict[str, float]:
+            return protocol_holdout_metrics(load_encoder(uri), x_hold, x_train, labels, labels_fit, kind)
+    else:
+        labels = read_labels(data.uri("items"), ids)
+        if labels is not None and any(v is None or v != v for v in labels):
+            labels = None  # labels only when every holdout item has one
+
+        def score(uri: str) -> dict[str, float]:
+            return holdout_metrics(load_encoder(uri), x_hold, x_train, labels)
+
     challenger = state.results["train"]
     out: dict[str, Any] = {
         "holdout_items": int(len(ids)),
+        "holdout_rule": holdout_rule(cfg),
         "holdout_frozen_now": frozen,
-        "challenger": _score(challenger["model_uri"], x_hold, x_train, labels),
+        "challenger": score(challenger["model_uri"]),
         "champion": None,
         "champion_version": None,
     }
@@ -338,7 +394,7 @@ def step_evaluate(spark: SparkSession | None, cfg: Config, state: NightState) ->
             out["champion_note"] = "the champion was trained on another feature set and cannot score today's"
         else:
             try:
-                out["champion"] = _score(_model_uri(cfg, champ.version), x_hold, x_train, labels)
+                out["champion"] = score(_model_uri(cfg, champ.version))
             except ValueError as exc:  # input width differs
                 out["champion_note"] = f"the champion cannot score the holdout: {exc}"
     return out
@@ -555,7 +611,8 @@ def report_text(state: NightState, cfg: Config) -> str:
         f"- records in {ing.get('rows_in')}, used {ing.get('rows_used')}, quarantined {ing.get('rows_quarantined')};"
         f" items {ing.get('items_out')}, dim {ing.get('dim')}",
         "",
-        "## Models on the fixed holdout" + f" ({ev.get('holdout_items')} items)",
+        "## Models on the fixed holdout" + f" ({ev.get('holdout_items')} items"
+        + ("" if ev.get("holdout_rule", "hash") == "hash" else f", rule {ev['holdout_rule']}") + ")",
         f"- challenger: version {tr.get('version')} ({'warm start' if tr.get('warm_start') else 'from scratch'}:"
         f" {tr.get('warm_start_reason')})",
         f"- champion: version {ev.get('champion_version')}" + (f" ({ev['champion_note']})" if ev.get("champion_note") else ""),

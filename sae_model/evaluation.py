@@ -557,6 +557,18 @@ def read_label_sets(items_uri: str | None, item_ids: np.ndarray) -> tuple[np.nda
     return [as_set(v) for v in s.tolist()], "genres"
 
 
+def protocol_labels(items_uri: str | None, fit_ids: np.ndarray, test_ids: np.ndarray) -> tuple[Any, Any, str]:
+    """``(labels_fit, labels_test, kind)`` for ``evaluate_protocol``: ``read_label_sets`` of the training
+    rows' items ``fit_ids`` and of the test rows' items ``test_ids`` (int64 arrays), or
+    ``(None, None, "none")`` when either side has no labels (no genre at all counts as none). Raises
+    ``DataError`` as ``read_label_sets`` does."""
+    labels_fit, kind = read_label_sets(items_uri, fit_ids)
+    labels_test, kind_test = read_label_sets(items_uri, test_ids)
+    if "none" in (kind, kind_test) or (kind == "genres" and not (any(labels_fit) and any(labels_test))):
+        return None, None, "none"
+    return labels_fit, labels_test, kind
+
+
 def _sample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of at most ``limit`` of ``n`` rows (all of them when n <= limit)."""
     if n <= limit:
@@ -793,11 +805,7 @@ def evaluate_split(
         split = read_split(items_uri, split_column, train_value, val_fraction)
         ids, x = load_table(features_uri, encoder.input_width)
         member = split.in_training_split(ids)
-        labels_fit, kind = read_label_sets(items_uri, ids[member])
-        labels_test, kind_test = read_label_sets(items_uri, ids[~member])
-        if "none" in (kind, kind_test) or (kind == "genres" and not (any(labels_fit) and any(labels_test))):
-            labels_fit = labels_test = None
-            kind = "none"
+        labels_fit, labels_test, kind = protocol_labels(items_uri, ids[member], ids[~member])
         x_fit, x_test = x[member], x[~member]
         del x
         return evaluate_protocol(
