@@ -18,8 +18,9 @@ from pipelines.config import Config, ConfigError, tracking_uri
 from pipelines.publish import pin
 
 DESCRIPTION = (
-    "Score a trained map on the validation split: squared error per item, kNN label accuracy, "
-    "trustworthiness and continuity, against PCA of the same width; log them and a side-by-side PNG to MLflow."
+    "Score a trained map on the validation split (with train.split_column: on the held-out test items): "
+    "squared error per item, kNN label accuracy, trustworthiness and continuity, against PCA of the same width; "
+    "log them and a side-by-side PNG to MLflow."
 )
 
 
@@ -61,17 +62,26 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
     record_config(cfg, "evaluate")
     mlflow.set_tracking_uri(tracking_uri(cfg))
     uri, run_id = find_run(model_uri or cfg.infer.model_uri or None, cfg.mlflow.experiment)
-    val_fraction = cfg.train.val_fraction
+    split = {"train.val_fraction": cfg.train.val_fraction, "train.split_column": cfg.train.split_column,
+             "train.train_value": cfg.train.train_value}
+    train_seconds = None
     if run_id is not None:
-        trained_with = mlflow.MlflowClient().get_run(run_id).data.params.get("train.val_fraction")
-        if trained_with is not None and float(trained_with) != val_fraction:
-            log.info("using the model's own split: train.val_fraction=%s (config has %s)", trained_with, val_fraction)
-            val_fraction = float(trained_with)
+        data = mlflow.MlflowClient().get_run(run_id).data
+        for key, value in split.items():  # the model's own split, whatever the config says now
+            trained_with = data.params.get(key)
+            differs = trained_with is not None and (
+                float(trained_with) != value if key == "train.val_fraction" else trained_with != value
+            )
+            if differs:
+                log.info("using the model's own split: %s=%s (config has %s)", key, trained_with, value)
+                split[key] = float(trained_with) if key == "train.val_fraction" else trained_with
+        train_seconds = data.metrics.get("ae_fit_seconds")  # its training's time, logged after `sae train`
     encoder = load_encoder(uri)
     ingest = pin(cfg.paths.root, "ingest")  # one version of features/ and items/ for the whole evaluation
     out = evaluate_and_log(
-        encoder, ingest.uri("features"), ingest.uri("items"), val_fraction, cfg.evaluate,
-        run_id, cfg.mlflow.experiment,
+        encoder, ingest.uri("features"), ingest.uri("items"), float(split["train.val_fraction"]), cfg.evaluate,
+        run_id, cfg.mlflow.experiment, train_seconds,
+        split_column=str(split["train.split_column"]), train_value=str(split["train.train_value"]),
     )
     out["model_uri"] = uri
     return out

@@ -65,6 +65,8 @@ def command(args: argparse.Namespace) -> int:
     if out.get("health") not in (None, "ok"):
         print(f"warning: the run is unhealthy and its model was not registered: {' | '.join(out['health_findings'])}",
               file=sys.stderr)
+    if out.get("table"):
+        print(out.pop("table"))  # the evaluation's table, before the summary line
     print(json.dumps(out))
     return 0
 

@@ -169,7 +169,9 @@ def train_and_evaluate(
             ev = evaluate_and_log(
                 load_encoder(out["model_uri"]), ingest.uri("features"), ingest.uri("items"),
                 cfg.train.val_fraction, cfg.evaluate, out["run_id"], cfg.mlflow.experiment, out["train_seconds"],
+                split_column=cfg.train.split_column, train_value=cfg.train.train_value,
             )
+            out["table"] = ev["table"]
             out["metrics"] = {**out.get("metrics", {}), **ev["metrics"]}
         except DataError as exc:  # e.g. too few validation items
             log.warning("evaluation after training skipped: %s", exc)

@@ -1,8 +1,13 @@
 """The one place training reads ``features/``: Petastorm streaming, an in-memory load, the split.
 
+Which rows train is decided here only (:class:`Split`): the items of the training split (all of
+them, or with ``train.split_column`` those whose ``items/`` column equals ``train.train_value``),
+less the validation items, drawn from them by a hash of ``item_id``; every other row is a test
+row and never reaches a batch, the validation set, the NaN check or the neighbour graph.
+
 Both paths produce the same batches for ``shuffle=False``: the table's rows in Petastorm's
-natural row-group order (files sorted by path, row groups in file order), the validation items
-removed by the same hash of ``item_id``, cut into batches of exactly ``batch_size`` (the last one
+natural row-group order (files sorted by path, row groups in file order), the validation (and
+test) items removed by the same rule, cut into batches of exactly ``batch_size`` (the last one
 shorter). With ``shuffle=True`` the in-memory path applies a permutation seeded by
 ``(seed, epoch)`` (reproducible, also after a resume); the streaming path shuffles row groups with
 the same seed and rows within windows of whole row groups, which is statistically equivalent but
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -79,6 +85,74 @@ def is_validation(item_ids: np.ndarray, val_fraction: float) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = _splitmix64(np.asarray(item_ids, dtype=np.int64).view(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Which rows train, which validate, which are held out for testing: the one rule every reader of
+    ``features/`` applies (training on both data paths, its validation loss, evaluation).
+
+    ``train_ids`` (sorted unique int64; None = every item) are the items of the training split;
+    :func:`read_split` reads them from ``items/``. Of those, ``is_validation(item_id, val_fraction)``
+    are the validation hold-out and the rest train. Items outside ``train_ids`` are test items.
+    """
+
+    val_fraction: float = 0.1
+    train_ids: np.ndarray | None = None
+
+    @property
+    def has_test(self) -> bool:
+        """True when a split column holds some items out of training altogether."""
+        return self.train_ids is not None
+
+    def in_training_split(self, item_ids: np.ndarray) -> np.ndarray:
+        """Boolean mask (n,) of the rows whose item is in the training split (train or validation)."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if self.train_ids is None:
+            return np.ones(len(item_ids), dtype=bool)
+        if len(self.train_ids) == 0:
+            return np.zeros(len(item_ids), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.train_ids, item_ids), len(self.train_ids) - 1)
+        return self.train_ids[pos] == item_ids
+
+    def roles(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, validation)`` boolean masks (n,) of ``item_ids``; rows in neither are test rows."""
+        member = self.in_training_split(item_ids)
+        val = is_validation(item_ids, self.val_fraction)
+        return member & ~val, member & val
+
+
+def read_split(items_uri: str | None, split_column: str, train_value: str, val_fraction: float) -> Split:
+    """The :class:`Split` of ``train.split_column``/``train.train_value``: with an empty column, the hash
+    split alone (every item trains or validates); else the items of ``items/`` whose ``split_column``
+    (compared as a string) equals ``train_value`` form the training split.
+
+    Reads only ``item_id`` and that column with pyarrow. Raises ``DataError`` when ``items/`` is
+    missing, lacks the column, or has no item with ``train_value`` (the message lists the values found).
+    """
+    if not split_column:
+        return Split(val_fraction)
+    where = f"train.split_column={split_column}"
+    root = local_dir(items_uri) if items_uri else None
+    files = _files(root) if root is not None and root.exists() else []
+    if not files:
+        raise DataError(f"{where}: no items table to read the split from ({items_uri}); run `sae ingest` first")
+    names = pq.read_schema(files[0]).names
+    if split_column not in names or ID_COL not in names:
+        raise DataError(f"{where}: items table {items_uri} has no column {split_column!r} (columns: {', '.join(names)})")
+    t = pa.concat_tables(pq.read_table(f, columns=[ID_COL, split_column]) for f in files)
+    values = t.column(split_column).cast(pa.string())
+    ids = t.column(ID_COL).to_numpy().astype(np.int64, copy=False)
+    is_train = np.asarray(pc.equal(values, train_value).fill_null(False).to_numpy(zero_copy_only=False))
+    if not is_train.any():
+        found = sorted({str(v) for v in values.unique().to_pylist()})
+        raise DataError(
+            f"{where}: no item of {items_uri} has {split_column} == {train_value!r} (train.train_value); "
+            f"values found: {', '.join(map(repr, found[:10]))}{' ...' if len(found) > 10 else ''}"
+        )
+    train_ids = np.unique(ids[is_train])
+    log.info("split %s == %r: %d training items of %d", split_column, train_value, len(train_ids), len(np.unique(ids)))
+    return Split(val_fraction, train_ids)
 
 
 # ---------------------------------------------------------------- inspecting the table
@@ -150,11 +224,15 @@ def _as_matrix(col: pa.ChunkedArray | pa.Array, dim: int, where: str, check_fini
     return m
 
 
-def load_table(uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole table as ``(item_ids int64 (n,), features float32 (n, dim))`` in Petastorm's natural order."""
+def load_table(uri: str, dim: int, keep: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The table as ``(item_ids int64 (n,), features float32 (n, dim))`` in Petastorm's natural order;
+    with ``keep`` (item ids -> boolean mask) only its rows, the others never decoded nor checked.
+    Raises ``DataError`` for NaN/Inf, a wrong width or a repeated ``item_id``."""
     ids, feats = [], []
     for f in _files(local_dir(uri)):
         t = pq.read_table(f, columns=[ID_COL, FEATURES_COL])
+        if keep is not None:
+            t = t.filter(pa.array(keep(t.column(ID_COL).to_numpy().astype(np.int64, copy=False))))
         ids.append(t.column(ID_COL).to_numpy().astype(np.int64, copy=False))
         feats.append(_as_matrix(t.column(FEATURES_COL), dim, str(f)))
     item_ids = np.concatenate(ids)
@@ -163,12 +241,17 @@ def load_table(uri: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return item_ids, np.concatenate(feats)
 
 
-def scan_stats(uri: str, dim: int) -> None:
-    """One pass over a table too big to load: fails on NaN/Inf or a wrong width, naming the file."""
+def scan_stats(uri: str, dim: int, keep: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """One pass over a table too big to load: fails on NaN/Inf or a wrong width, naming the file.
+    With ``keep`` (item ids -> boolean mask) only those rows are checked."""
     for f in _files(local_dir(uri)):
         pf = pq.ParquetFile(f)
         for i in range(pf.num_row_groups):
-            _as_matrix(pf.read_row_group(i, columns=[FEATURES_COL]).column(0), dim, f"{f} row group {i}")
+            cols = [ID_COL, FEATURES_COL] if keep is not None else [FEATURES_COL]
+            t = pf.read_row_group(i, columns=cols)
+            if keep is not None:
+                t = t.filter(pa.array(keep(t.column(ID_COL).to_numpy().astype(np.int64, copy=False))))
+            _as_matrix(t.column(FEATURES_COL), dim, f"{f} row group {i}")
 
 
 # ---------------------------------------------------------------- batch sources
@@ -180,14 +263,17 @@ def epoch_seed(seed: int, stage: int, epoch: int) -> int:
 
 
 class InMemorySource:
-    """The train and validation rows kept as tensors on the device."""
+    """The train and validation rows kept as tensors on the device (test rows of ``train_ids``'s
+    :class:`Split` are dropped here if the caller loaded them)."""
 
     streaming = False
 
-    def __init__(self, item_ids: np.ndarray, x: np.ndarray, val_fraction: float, device: torch.device) -> None:
-        val = is_validation(item_ids, val_fraction)
-        self.train_ids, self.val_ids = item_ids[~val], item_ids[val]
-        self.train = torch.from_numpy(np.ascontiguousarray(x[~val])).to(device)
+    def __init__(
+        self, item_ids: np.ndarray, x: np.ndarray, val_fraction: float, device: torch.device, train_ids: np.ndarray | None = None
+    ) -> None:
+        train, val = Split(val_fraction, train_ids).roles(item_ids)
+        self.train_ids, self.val_ids = item_ids[train], item_ids[val]
+        self.train = torch.from_numpy(np.ascontiguousarray(x[train])).to(device)
         self.val = torch.from_numpy(np.ascontiguousarray(x[val])).to(device)
         self.device = device
 
@@ -393,14 +479,23 @@ def batches_from_row_groups(
 
 
 class StreamingSource:
-    """Reads ``features/`` through Petastorm each epoch; drops validation rows by the hash split."""
+    """Reads ``features/`` through Petastorm each epoch; keeps the rows of its :class:`Split`'s role
+    (``train_ids``: the training split, None = every item) and drops the others before any batch."""
 
     streaming = True
 
     def __init__(
-        self, uri: str, info: TableInfo, val_fraction: float, device: torch.device, workers: int, cache_mb: int = 0
+        self,
+        uri: str,
+        info: TableInfo,
+        val_fraction: float,
+        device: torch.device,
+        workers: int,
+        cache_mb: int = 0,
+        train_ids: np.ndarray | None = None,
     ) -> None:
         self.uri, self.info, self.val_fraction, self.device, self.workers = uri, info, val_fraction, device, workers
+        self.split = Split(val_fraction, train_ids)
         self.n_train = None  # unknown until one pass; only used for progress totals
         # Petastorm's local-disk cache of decoded row groups, removed with this source (or at exit).
         self._cache_dir = tempfile.TemporaryDirectory(prefix="sae-reader-cache-") if cache_mb > 0 else None
@@ -419,15 +514,14 @@ class StreamingSource:
         """
         from petastorm.errors import NoDataAvailableError
 
-        want_val = split != "train"
+        role = 1 if split != "train" else 0
         cur, count = shard if shard is not None else (None, None)
         if count:
             batch_size = math.ceil(batch_size / count)
 
         def keep(ids: np.ndarray) -> np.ndarray:
             # No NaN check per batch: open_source scanned this (resolved, so pinned) table version.
-            val = is_validation(ids, self.val_fraction)
-            return val if want_val else ~val
+            return self.split.roles(ids)[role]
 
         gen = torch.Generator().manual_seed(seed) if shuffle else None
         window = batch_size * SHUFFLE_WINDOW_BATCHES if shuffle else batch_size
@@ -446,24 +540,39 @@ class StreamingSource:
         ids, xs = [], []
         with row_groups(self.uri, False, 0, 1, cache=self.cache) as groups:
             for g_ids, x in groups:
-                mask = is_validation(g_ids, self.val_fraction)
+                mask = self.split.roles(g_ids)[1]
                 ids.append(g_ids[mask])
                 xs.append(torch.from_numpy(x[mask]))
         return np.concatenate(ids), torch.cat(xs).to(self.device)
 
 
 def open_source(
-    uri: str, dim: int, val_fraction: float, device: torch.device, in_memory_max_mb: int, workers: int, cache_mb: int = 0
+    uri: str,
+    dim: int,
+    val_fraction: float,
+    device: torch.device,
+    in_memory_max_mb: int,
+    workers: int,
+    cache_mb: int = 0,
+    split: Split | None = None,
 ) -> InMemorySource | StreamingSource:
-    """Check the table, then keep it on the device if it fits ``in_memory_max_mb``, else stream it."""
+    """Check the table, then keep it on the device if it fits ``in_memory_max_mb``, else stream it.
+
+    ``split`` (:func:`read_split`; None = the hash split of ``val_fraction`` alone): rows outside its
+    training split are test rows, never loaded, checked, batched or validated on. Raises
+    ``DataError`` when the table breaks the contract or the split keeps none of its rows."""
+    split = split or Split(val_fraction)
     info = inspect_table(uri, dim)
+    keep = split.in_training_split if split.has_test else None
     if info.nbytes <= in_memory_max_mb * 1024 * 1024:
-        ids, x = load_table(uri, dim)
-        log.info("features: %d rows x %d (%.1f MB) loaded onto %s", info.rows, dim, info.nbytes / 2**20, device)
-        return InMemorySource(ids, x, val_fraction, device)
-    scan_stats(uri, dim)
+        ids, x = load_table(uri, dim, keep)
+        if len(ids) == 0:
+            raise DataError(f"features table {uri}: no row is in the training split (train.split_column)")
+        log.info("features: %d of %d rows x %d loaded onto %s", len(ids), info.rows, dim, device)
+        return InMemorySource(ids, x, split.val_fraction, device, split.train_ids)
+    scan_stats(uri, dim, keep)
     log.info("features: %d rows x %d (%.1f MB) > train.in_memory_max_mb, streaming", info.rows, dim, info.nbytes / 2**20)
-    return StreamingSource(uri, info, val_fraction, device, workers, cache_mb)
+    return StreamingSource(uri, info, split.val_fraction, device, workers, cache_mb, split.train_ids)
 
 
 def read_label_column(items_uri: str | None) -> tuple[pd.Series | None, str]:

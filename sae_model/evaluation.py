@@ -247,6 +247,51 @@ def retrieval_precision(
     return {r: sums[i] / keep.size for i, r in enumerate(levels)}
 
 
+def knn_classifier_accuracy(train_codes: Any, train_labels: Any, test_codes: Any, test_labels: Any, k: int = 5) -> float:
+    """Accuracy on the test items of a k-NN classifier fitted on the training items: the published
+    protocol of the map tables (van der Maaten 2009; Sainburg, McInnes & Gentner 2021).
+
+    ``train_codes`` (n_train x w) with ``train_labels`` (n_train,), ``test_codes`` (n_test x w) with
+    ``test_labels`` (n_test,); any hashable labels. scikit-learn's ``KNeighborsClassifier`` (uniform
+    votes, exact Euclidean search). Its tie rules: a tie in votes goes to the smallest tied class
+    (in sorted label order; scipy's mode), and which of several training items equidistant at the
+    k-th place votes is its search's choice. Returns a float in [0, 1]. Raises ``ValueError`` when
+    ``k`` exceeds the training items or the shapes disagree.
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    train_codes = _as_2d_float64(train_codes, "train_codes")
+    test_codes = _as_2d_float64(test_codes, "test_codes")
+    if not 1 <= k <= train_codes.shape[0]:
+        raise ValueError(f"k={k}: needs 1 <= k <= the {train_codes.shape[0]} training items")
+    y_train, y_test = np.asarray(train_labels), np.asarray(test_labels)
+    if y_train.shape != (train_codes.shape[0],) or y_test.shape != (test_codes.shape[0],):
+        raise ValueError(f"labels: shapes {y_train.shape}, {y_test.shape} do not match the codes' rows")
+    clf = KNeighborsClassifier(n_neighbors=k).fit(train_codes, y_train)
+    return float(clf.score(test_codes, y_test))
+
+
+def knn_label_share_to(
+    train_codes: Any, train_sets: Sequence[Any], test_codes: Any, test_sets: Sequence[Any], k: int = 5
+) -> float:
+    """``knn_label_share`` across a split: the mean share of each test item's k nearest training items
+    (scikit-learn's exact ``NearestNeighbors``) sharing a label with it; test items without labels are
+    left out. Raises ``ValueError`` when no test item has a label or k exceeds the training items."""
+    from sklearn.neighbors import NearestNeighbors
+
+    train_codes = _as_2d_float64(train_codes, "train_codes")
+    test_codes = _as_2d_float64(test_codes, "test_codes")
+    if not 1 <= k <= train_codes.shape[0]:
+        raise ValueError(f"k={k}: needs 1 <= k <= the {train_codes.shape[0]} training items")
+    tr = [frozenset([v] if isinstance(v, str) else v) for v in train_sets]
+    te = [frozenset([v] if isinstance(v, str) else v) for v in test_sets]
+    queries = [i for i, t in enumerate(te) if t]
+    if not queries:
+        raise ValueError("test_sets: every test item has an empty label set")
+    nn = NearestNeighbors(n_neighbors=k).fit(train_codes).kneighbors(test_codes[queries], return_distance=False)
+    return float(np.mean([sum(1 for j in row if not te[i].isdisjoint(tr[j])) / k for i, row in zip(queries, nn, strict=True)]))
+
+
 # --------------------------------------------------------------------------------------------
 # Trustworthiness and continuity (Venna & Kaski)
 # --------------------------------------------------------------------------------------------
@@ -389,9 +434,12 @@ def evaluate_map(
     return metrics
 
 
-def format_metrics_table(metrics: Mapping[str, float]) -> str:
-    """Plain-text table: one row per metric, columns autoencoder | PCA (| UMAP when it was scored);
-    other keys listed above."""
+def format_metrics_table(metrics: Mapping[str, float], by: str = "metric") -> str:
+    """Plain-text table of flat ``ae_``/``pca_``/``umap_`` metrics, other keys listed above it.
+
+    ``by="metric"``: one row per metric, columns autoencoder | PCA (| UMAP when it was scored).
+    ``by="method"`` (the split protocol's report): one row per method (AE, PCA, UMAP), one column
+    per metric, missing values as a dash."""
     columns = [("ae", "autoencoder"), ("pca", "PCA")]
     if any(key.startswith("umap_") for key in metrics):
         columns.append(("umap", "UMAP"))
@@ -404,6 +452,16 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
             rows.setdefault(name, {})[prefix] = value
         else:
             other.append(f"{key}: {value:g}")
+    if by == "method":
+        titles = {"ae": "AE", "pca": "PCA", "umap": "UMAP"}
+        widths = [max(10, len(name)) for name in rows]
+        lines = list(other)
+        lines.append("  ".join([f"{'method':<6}"] + [f"{name:>{w}}" for name, w in zip(rows, widths, strict=True)]))
+        lines.append("  ".join(["-" * 6] + ["-" * w for w in widths]))
+        for c, _ in columns:
+            cells = [f"{rows[n][c]:{w}.4f}" if c in rows[n] else f"{'-':>{w}}" for n, w in zip(rows, widths, strict=True)]
+            lines.append("  ".join([f"{titles[c]:<6}"] + cells))
+        return "\n".join(lines)
     width = max([len("metric")] + [len(name) for name in rows])
     lines = list(other)
     lines.append("  ".join([f"{'metric':<{width}}"] + [f"{title:>12}" for _, title in columns]))
@@ -481,9 +539,8 @@ def plot_maps_side_by_side(maps: Mapping[str, Any], labels: Any, path: str | Pat
     return path
 
 
-def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> tuple[np.ndarray, float] | None:
-    """UMAP baseline codes for ``x_val`` (fitted on ``x_train``) and the fit's seconds, or None if
-    umap-learn is missing."""
+def _fit_umap(x_train: Any, dim: int, seed: int) -> tuple[Any, float] | None:
+    """umap-learn's ``UMAP`` fitted on ``x_train`` and the fit's seconds; None (logged) without umap-learn."""
     try:
         import umap  # type: ignore[import-not-found]
     except ImportError:
@@ -492,7 +549,16 @@ def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> tuple[n
     reducer = umap.UMAP(n_components=dim, random_state=seed)
     t0 = time.perf_counter()
     reducer.fit(np.asarray(x_train, dtype=np.float32))
-    fit_seconds = time.perf_counter() - t0
+    return reducer, time.perf_counter() - t0
+
+
+def umap_codes(x_train: Any, x_val: Any, dim: int = 2, seed: int = 0) -> tuple[np.ndarray, float] | None:
+    """UMAP baseline codes for ``x_val`` (fitted on ``x_train``) and the fit's seconds, or None if
+    umap-learn is missing."""
+    fitted = _fit_umap(x_train, dim, seed)
+    if fitted is None:
+        return None
+    reducer, fit_seconds = fitted
     return np.asarray(reducer.transform(np.asarray(x_val, dtype=np.float32)), dtype=np.float64), fit_seconds
 
 
@@ -630,6 +696,119 @@ def evaluate(
     return Evaluation(metrics, figure, kind)
 
 
+def _label_metrics(prefix: str, kind: str, train_codes: np.ndarray, labels_fit: Any, test_codes: np.ndarray,
+                   labels_test: Any, k: int) -> dict[str, float]:
+    """The kNN classifier's accuracy (``kind="label"``) or the kNN label share (``"genres"``) from the
+    training codes to the test codes, at k and at 1; nothing without labels."""
+    out: dict[str, float] = {}
+    for name, kk in (("knn", k), ("knn1", 1)):
+        if kind == "label":
+            out[f"{prefix}_{name}_accuracy"] = knn_classifier_accuracy(train_codes, labels_fit, test_codes, labels_test, kk)
+        elif kind == "genres":
+            out[f"{prefix}_{name}_label_share"] = knn_label_share_to(train_codes, labels_fit, test_codes, labels_test, kk)
+    return out
+
+
+def evaluate_protocol(
+    encoder: Any,
+    x_fit: np.ndarray,
+    x_test: np.ndarray,
+    labels_fit: Any = None,
+    labels_test: Any = None,
+    cfg: Any = None,
+    *,
+    kind: str | None = None,
+    fit_seconds: float | None = None,
+    out_dir: str | Path | None = None,
+    title: str = "",
+) -> Evaluation:
+    """Score ``encoder`` on held-out test rows the field's way (``train.split_column``): every method
+    is fitted on training rows only and scored on test rows it never saw.
+
+    ``x_fit`` (n_train x d, float32): the training split's rows, subsampled (seeded) to
+    ``cfg.max_fit_items``; PCA of the code width and, with ``cfg.umap`` and umap-learn importable, UMAP
+    are fitted on them. ``x_test`` (n_test x d): the test rows. ``labels_fit``/``labels_test``: one
+    label (or label set, ``kind="genres"``) per row, or None. Metrics per method m in ae, pca, umap:
+    ``m_squared_error`` (ae, pca: per test item, summed over dims, mean over every test item),
+    ``m_knn_accuracy``/``m_knn1_accuracy`` (``knn_classifier_accuracy`` with k = ``cfg.k_knn`` and 1,
+    fitted on the training codes, scored on every test item; ``_label_share`` for genres),
+    ``m_trustworthiness``/``m_continuity`` (k = ``cfg.k_tw``, a seeded sample of at most
+    ``cfg.max_items`` test items), ``m_trustworthiness_train`` (the same on as many training items;
+    UMAP's training codes are its fitted embedding), ``m_fit_seconds`` (ae: ``fit_seconds``, the
+    training's, when given); plus ``n_train`` (training rows before subsampling), ``n_test``,
+    ``n_eval`` (the test sample) and ``code_dim``. ``out_dir`` receives ``maps.png`` of the test sample.
+
+    Raises ``DataError`` when there are at most ``2 * cfg.k_tw`` test or training rows, or fewer
+    training rows than the code width or ``cfg.k_knn``.
+    """
+    from sae_model.config import EvaluateConfig
+    from sae_model.data import DataError
+
+    cfg = cfg or EvaluateConfig()
+    kind = label_kind(labels_test) if kind is None else kind
+    if labels_fit is None or labels_test is None:
+        labels_fit, labels_test, kind = None, None, "none"
+    n_train, n_test, width = int(x_fit.shape[0]), int(x_test.shape[0]), int(encoder.code_width)
+    if n_test <= 2 * cfg.k_tw:
+        raise DataError(f"evaluation needs more than {2 * cfg.k_tw} test items (evaluate.k_tw={cfg.k_tw}), got {n_test}")
+    if n_train <= max(2 * cfg.k_tw, cfg.k_knn) or n_train < width:
+        raise DataError(
+            f"evaluation needs more than {max(2 * cfg.k_tw, cfg.k_knn)} training items and at least the code width "
+            f"{width}, got {n_train}"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    fit_rows = _sample(n_train, cfg.max_fit_items, rng)
+    xf = x_fit[fit_rows]
+    if labels_fit is not None:
+        labels_fit = [labels_fit[i] for i in fit_rows] if kind == "genres" else np.asarray(labels_fit)[fit_rows]
+    test_sub = _sample(n_test, cfg.max_items, rng)
+    train_sub = _sample(len(fit_rows), cfg.max_items, rng)
+
+    # method -> (training codes, test codes, test reconstructions or None, fit seconds or None)
+    methods: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, float | None]] = {
+        "ae": (_batched(encoder.encode, xf), _batched(encoder.encode, x_test), _batched(encoder.reconstruct, x_test), fit_seconds),
+    }
+    t0 = time.perf_counter()
+    pca = PCA(width).fit(xf)
+    pca_seconds = time.perf_counter() - t0
+    pca_test = pca.transform(x_test)
+    methods["pca"] = (pca.transform(xf), pca_test, pca.inverse_transform(pca_test), pca_seconds)
+    if cfg.umap:
+        fitted = _fit_umap(xf, width, cfg.seed)
+        if fitted is not None:
+            reducer, umap_seconds = fitted
+            umap_test = np.asarray(reducer.transform(np.asarray(x_test, dtype=np.float32)), dtype=np.float64)
+            methods["umap"] = (np.asarray(reducer.embedding_, dtype=np.float64), umap_test, None, umap_seconds)
+
+    metrics: dict[str, float] = {
+        "n_train": float(n_train), "n_test": float(n_test), "n_eval": float(len(test_sub)), "code_dim": float(width),
+    }
+    xs_test = np.asarray(x_test[test_sub], dtype=np.float64)
+    xs_train = np.asarray(xf[train_sub], dtype=np.float64)
+    for m, (train_codes, test_codes, recon, seconds) in methods.items():
+        if recon is not None:
+            metrics[f"{m}_squared_error"] = squared_error_per_item(x_test, recon)
+        metrics.update(_label_metrics(m, kind, train_codes, labels_fit, test_codes, labels_test, cfg.k_knn))
+        metrics[f"{m}_trustworthiness"] = trustworthiness(xs_test, test_codes[test_sub], cfg.k_tw)
+        metrics[f"{m}_continuity"] = continuity(xs_test, test_codes[test_sub], cfg.k_tw)
+        metrics[f"{m}_trustworthiness_train"] = trustworthiness(xs_train, train_codes[train_sub], cfg.k_tw)
+        if seconds is not None:
+            metrics[f"{m}_fit_seconds"] = float(seconds)
+    metrics["pca_explained_variance"] = float(pca.explained_variance_ratio_.sum())
+
+    figure = None
+    if out_dir is not None:
+        names = {"ae": "autoencoder", "pca": "PCA", "umap": "UMAP"}
+        maps = {names[m]: v[1][test_sub] for m, v in methods.items()}
+        plot_labels = None
+        if labels_test is not None:
+            plot_labels = [labels_test[i] for i in test_sub] if kind == "genres" else np.asarray(labels_test)[test_sub]
+        sub_title = title or f"test items ({len(test_sub)} of {n_test}), code width {width}"
+        figure = plot_maps_side_by_side(maps, plot_labels, Path(out_dir) / MAPS_PNG, sub_title)
+    log.info("evaluation on %d test items (fitted on %d training items): %s", n_test, len(fit_rows), metrics)
+    return Evaluation(metrics, figure, kind)
+
+
 def evaluate_split(
     encoder: Any,
     features_uri: str,
@@ -638,17 +817,42 @@ def evaluate_split(
     cfg: Any = None,
     out_dir: str | Path | None = None,
     title: str = "",
+    *,
+    split_column: str = "",
+    train_value: str = "train",
+    fit_seconds: float | None = None,
 ) -> Evaluation:
     """``evaluate`` on the validation split of the ``features/`` table (the training split: the same
     hash of ``item_id`` and ``val_fraction``), with the labels of ``items/`` (``read_label_sets``).
 
     ``val_fraction`` must be the one the model was trained with, or training rows leak into the
     scores. Raises ``DataError`` as ``evaluate`` does (naming ``train.val_fraction``).
+
+    With ``split_column`` (``train.split_column``; ``sae_model.data.read_split``) it is
+    ``evaluate_protocol`` instead: fitted on the training split's rows (those whose ``items/``
+    column equals ``train_value``, validation hold-out included), scored on every other row;
+    ``fit_seconds`` is then reported as the autoencoder's. Raises ``DataError`` as ``read_split``
+    and ``evaluate_protocol`` do.
     """
     from sae_model.config import EvaluateConfig
-    from sae_model.data import DataError, is_validation, load_table
+    from sae_model.data import DataError, is_validation, load_table, read_split
 
     cfg = cfg or EvaluateConfig()
+    if split_column:
+        split = read_split(items_uri, split_column, train_value, val_fraction)
+        ids, x = load_table(features_uri, encoder.input_width)
+        member = split.in_training_split(ids)
+        labels_fit, kind = read_label_sets(items_uri, ids[member])
+        labels_test, kind_test = read_label_sets(items_uri, ids[~member])
+        if "none" in (kind, kind_test) or (kind == "genres" and not (any(labels_fit) and any(labels_test))):
+            labels_fit = labels_test = None
+            kind = "none"
+        x_fit, x_test = x[member], x[~member]
+        del x
+        return evaluate_protocol(
+            encoder, x_fit, x_test, labels_fit, labels_test, cfg, kind=kind, fit_seconds=fit_seconds,
+            out_dir=out_dir, title=title,
+        )
     ids, x = load_table(features_uri, encoder.input_width)
     val = is_validation(ids, val_fraction)
     n_val = int(val.sum())
@@ -674,10 +878,15 @@ def evaluate_and_log(
     run_id: str | None,
     experiment: str,
     train_seconds: float | None = None,
+    *,
+    split_column: str = "",
+    train_value: str = "train",
 ) -> dict[str, Any]:
     """``evaluate_split``, logged into MLflow run ``run_id`` (None: a new ``evaluate`` run in
     ``experiment``, on the tracking store already set); returns ``run_id``, ``metrics``, ``table``.
-    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits."""
+    ``train_seconds`` (the training that just made ``encoder``) is shown beside PCA's and UMAP's fits.
+    With ``split_column`` the held-out test rows are scored (``evaluate_protocol``) and the table has
+    a row per method and a column per metric."""
     import tempfile
 
     import mlflow
@@ -686,15 +895,20 @@ def evaluate_and_log(
     from sae_model.evaluation import format_metrics_table
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = evaluate_split(encoder, features_uri, items_uri, val_fraction, cfg, tmp)
+        result = evaluate_split(
+            encoder, features_uri, items_uri, val_fraction, cfg, tmp,
+            split_column=split_column, train_value=train_value, fit_seconds=train_seconds,
+        )
         if train_seconds is not None:
             result.metrics["ae_fit_seconds"] = train_seconds
-        table = format_metrics_table(result.metrics)
+        table = format_metrics_table(result.metrics, by="method" if split_column else "metric")
         if run_id is None:
             tracking.use_experiment(experiment)
             with mlflow.start_run(tags={"stage": "evaluate"}) as run:
                 run_id = run.info.run_id
                 mlflow.log_param("train.val_fraction", val_fraction)
+                if split_column:
+                    mlflow.log_params({"train.split_column": split_column, "train.train_value": train_value})
         tracking.log_evaluation(run_id, result.metrics, result.figure, table)
     log.info("evaluation (run %s):\n%s", run_id, table)
     return {"run_id": run_id, "metrics": result.metrics, "table": table}

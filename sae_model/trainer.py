@@ -33,7 +33,7 @@ from sae_model import checkpoint as ckpt
 from sae_model import health
 from sae_model.callbacks import Callback
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
-from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels
+from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels, read_split
 from sae_model.model import StackedAutoencoder, init_weights
 from sae_model.neighbor_graph import GraphBatch, NeighbourGraph
 from sae_model.neighbor_loss import neighbor_loss, tsne_edge_loss, umap_ab, umap_edge_loss
@@ -774,9 +774,11 @@ def fit(request: TrainRequest, rank: int = 0, world_size: int = 1) -> TrainResul
 
         dist.barrier()  # every rank has read the checkpoint's meta before rank 0 writes a new one
 
+    # train.split_column: only the training split's rows are ever read into training (issue 19's protocol).
+    split = read_split(items_uri, train_cfg.split_column, train_cfg.train_value, train_cfg.val_fraction)
     source = open_source(
         features_uri, model_cfg.layers[0], train_cfg.val_fraction, device, train_cfg.in_memory_max_mb, train_cfg.reader_workers,
-        train_cfg.reader_cache_mb,
+        train_cfg.reader_cache_mb, split=split,
     )
     model = build_model(model_cfg, train_cfg.seed)
     if init_from:
