@@ -7,8 +7,8 @@ autoencoder's 2-D map and 10-D code beside LSA, PCA and UMAP, scored on the test
     python benchmarks/reproduce_news20.py out/news20 --ae2 models:/sae/1 --ae10 models:/sae/2
 
 Every method is fitted on the training posts only (``items/`` split ``20news-bydate-train``) and
-scored on every test post: 5-NN accuracy of the newsgroup (scikit-learn's ``KNeighborsClassifier``
-fitted on the training posts' codes), trustworthiness at k = 5 and 12 against the posts' log(1 +
+scored on every test post: 5-NN accuracy of the newsgroup (``knn_classifier_accuracy``: scikit-learn's
+kNN classifier fitted on the training posts' codes), trustworthiness at k = 5 and 12 against the posts' log(1 +
 count) vectors, and Hinton's retrieval measure (``sae_model.evaluation.retrieval_precision``: the
 share of same-group training posts among a test post's nearest training posts at each recall level).
 LSA is the truncated SVD of the tf-idf of the counts, PCA and UMAP (umap-learn, when installed)
@@ -27,10 +27,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
-from sklearn.neighbors import KNeighborsClassifier
 
 from sae_model.data import load_table, to_uri
-from sae_model.evaluation import PCA, retrieval_precision, trustworthiness, umap_codes
+from sae_model.evaluation import (
+    PCA,
+    knn_classifier_accuracy,
+    retrieval_precision,
+    trustworthiness,
+    umap_codes,
+)
 
 TRAIN = "20news-bydate-train"
 RECALL = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
@@ -112,8 +117,7 @@ def main() -> None:
         t0 = time.perf_counter()
         codes = fit(x, train)
         secs = time.perf_counter() - t0
-        knn = KNeighborsClassifier(5).fit(codes[train], y[train])
-        acc = float((knn.predict(codes[test]) == y[test]).mean())
+        acc = knn_classifier_accuracy(codes[train], y[train], codes[test], y[test], k=5)
         tw = [trustworthiness(xt, codes[test], k=k) for k in (5, 12)]
         prec = retrieval_precision(codes[test], y[test], codes[train], y[train], args.recall)
         cells = " | ".join(f"{prec[r]:.3f}" for r in args.recall)

@@ -225,9 +225,11 @@ def retrieval_precision(
     levels = [float(r) for r in recall_levels]
     if not levels or any(not 0.0 < r <= 1.0 for r in levels):
         raise ValueError(f"recall_levels: each must be in (0, 1], got {levels}")
-    classes, counts = np.unique(yc, return_counts=True)
-    relevant = dict(zip(classes.tolist(), counts.tolist(), strict=True))
-    keep = np.flatnonzero([relevant.get(v, 0) > 0 for v in yq.tolist()])
+    # Labels as small integers: comparing (block x n) strings would cost n x the label's bytes each.
+    _, codes = np.unique(np.concatenate([yc, yq]), return_inverse=True)
+    yc, yq = codes[: yc.shape[0]].reshape(-1), codes[yc.shape[0] :].reshape(-1)
+    relevant = np.bincount(yc, minlength=int(codes.max()) + 1)
+    keep = np.flatnonzero(relevant[yq] > 0)
     if keep.size == 0:
         raise ValueError("query_labels: no query has a label that any base item has")
     n = c.shape[0]
@@ -239,7 +241,7 @@ def retrieval_precision(
         # Query ids are negative so that no base item is excluded as the query itself.
         order, _ = topk(-1 - blk.astype(np.int64), q[blk], base_ids, c, n, block_rows=len(blk))
         hits = np.cumsum(yc[order] == yq[blk][:, None], axis=1)
-        r_c = np.array([relevant[v] for v in yq[blk].tolist()])
+        r_c = relevant[yq[blk]]
         for i, r in enumerate(levels):
             need = np.maximum(1, np.ceil(r * r_c - 1e-9)).astype(np.int64)
             rank = 1 + np.argmax(hits >= need[:, None], axis=1)

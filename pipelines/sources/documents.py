@@ -249,7 +249,7 @@ def bag_of_words(tc) -> Pipeline:
 
 def vectors(model: PipelineModel, docs: DataFrame, tc) -> DataFrame:
     """The fitted pipeline applied: ``docs`` plus ``features`` (array<float> over the vocabulary,
-    weighted by ``tc.weighting``) and ``has_word`` (some vocabulary word occurs)."""
+    weighted by ``tc.weighting``, divided by its ``tc.normalize`` norm) and ``has_word`` (some vocabulary word occurs)."""
     out = model.transform(docs)
     counts = vector_to_array("counts", dtype="float32")
     if tc.weighting == "tfidf":
@@ -258,6 +258,13 @@ def vectors(model: PipelineModel, docs: DataFrame, tc) -> DataFrame:
         feats = F.transform(counts, lambda x: F.log1p(x).cast("float"))
     else:
         feats = counts
+    if tc.normalize != "none":
+        size = F.abs if tc.normalize == "l1" else (lambda x: x * x)
+        norm = F.aggregate(feats, F.lit(0.0).cast("double"), lambda acc, x: acc + size(x))
+        norm = norm if tc.normalize == "l1" else F.sqrt(norm)
+        # A document with no vocabulary word has norm 0: it is quarantined below, kept as zeros here.
+        norm = F.when(norm > 0, norm).otherwise(F.lit(1.0))
+        feats = F.transform(feats, lambda x: (x / norm).cast("float"))
     return out.withColumn("features", feats).withColumn("has_word", F.exists(counts, lambda x: x > 0))
 
 
@@ -312,6 +319,7 @@ def read(spark: SparkSession, cfg) -> SourceResult:
             "text": {
                 "layout": layout(cfg),
                 "weighting": tc.weighting,
+                "normalize": tc.normalize,
                 "vocab_size": len(vocab),
                 "vocab_split": tc.vocab_split,
                 "encoding": tc.encoding,
