@@ -207,3 +207,4 @@ def test_config_keys_and_news20_preset():
     cfg = load_config(preset="news20")
     assert (cfg.data.source, cfg.model.layers, cfg.data.text.vocab_size) == ("text", [2000, 500, 250, 125, 2], 2000)
     assert cfg.data.text.weighting == "log1p" and cfg.data.text.vocab_split == "20news-bydate-train"
+    assert (cfg.data.text.normalize, cfg.train.split_column, cfg.train.train_value) == ("l2", "split", "20news-bydate-train")
