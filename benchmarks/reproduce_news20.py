@@ -20,6 +20,7 @@ out when its model is not given.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ from sae_model.evaluation import (
     umap_codes,
 )
 
+log = logging.getLogger("reproduce_news20")
 TRAIN = "20news-bydate-train"
 RECALL = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
 
@@ -98,6 +100,7 @@ def main() -> None:
     ap.add_argument("--recall", type=float, nargs="+", default=list(RECALL))
     ap.add_argument("--sample", type=int, default=2000, help="test posts (seeded) for trustworthiness")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     x, y, train = load(args.root)
     test = ~train
     rng = np.random.default_rng(0)
@@ -123,8 +126,12 @@ def main() -> None:
         codes = fit(x, train)
         secs = time.perf_counter() - t0
         acc = knn_classifier_accuracy(codes[train], y[train], codes[test], y[test], k=5)
+        t1 = time.perf_counter()
         tw = [trustworthiness(xs, codes[sample], k=k) for k in (5, 12)]
+        t2 = time.perf_counter()
         prec = retrieval_precision(codes[test], y[test], codes[train], y[train], args.recall)
+        log.info("%s: fit %.0f s, kNN and trustworthiness %.0f s, retrieval %.0f s", name, secs, t2 - t1,
+                 time.perf_counter() - t2)
         cells = " | ".join(f"{prec[r]:.3f}" for r in args.recall)
         print(f"| {name} | {acc:.3f} | {tw[0]:.3f} | {tw[1]:.3f} | {cells} | {secs:.0f} |", flush=True)
 

@@ -35,8 +35,8 @@ import tarfile
 import pandas as pd
 from pyspark import StorageLevel
 from pyspark.ml import Pipeline, PipelineModel
-from pyspark.ml.feature import IDF, CountVectorizer, RegexTokenizer, StopWordsRemover
-from pyspark.ml.functions import vector_to_array
+from pyspark.ml.feature import IDF, CountVectorizer, Normalizer, RegexTokenizer, StopWordsRemover
+from pyspark.ml.functions import array_to_vector, vector_to_array
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -259,12 +259,13 @@ def vectors(model: PipelineModel, docs: DataFrame, tc) -> DataFrame:
     else:
         feats = counts
     if tc.normalize != "none":
-        size = F.abs if tc.normalize == "l1" else (lambda x: x * x)
-        norm = F.aggregate(feats, F.lit(0.0).cast("double"), lambda acc, x: acc + size(x))
-        norm = norm if tc.normalize == "l1" else F.sqrt(norm)
-        # A document with no vocabulary word has norm 0: it is quarantined below, kept as zeros here.
-        norm = F.when(norm > 0, norm).otherwise(F.lit(1.0))
-        feats = F.transform(feats, lambda x: (x / norm).cast("float"))
+        # Spark ML's Normalizer on the weighted vector (a zero vector, no vocabulary word, stays zero
+        # and is quarantined below). Not an array expression: a norm referenced inside a lambda is
+        # evaluated once per element, which took the whole corpus from a minute to over fifteen.
+        out = out.withColumn("weighted", array_to_vector(feats))
+        p = 1.0 if tc.normalize == "l1" else 2.0
+        out = Normalizer(inputCol="weighted", outputCol="normalized", p=p).transform(out)
+        feats = vector_to_array("normalized", dtype="float32")
     return out.withColumn("features", feats).withColumn("has_word", F.exists(counts, lambda x: x > 0))
 
 
