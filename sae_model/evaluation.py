@@ -212,7 +212,7 @@ def retrieval_precision(
     mean over queries (queries whose label no base item has are left out). Exact Euclidean ranking
     of every base item with ``sae_model.knn``'s tie rule (equal distances: the lower base index
     first), query block by query block so that at most ``block_elements`` floats of differences are
-    held at once (8,000 x 11,000 10-D codes: a few hundred MB, about a minute on one core).
+    held at once (7,466 test x 11,233 training posts: 18-172 s on two busy shared cores).
     Raises ``ValueError`` for mismatched shapes, a level outside (0, 1], or no query with a label
     the base has.
     """
