@@ -2,9 +2,9 @@
 autoencoder's 2-D map and 10-D code beside LSA, PCA and UMAP, scored on the test posts.
 
     sae ingest --preset news20 data.input=../shared/data/news20/20news-bydate.tar.gz paths.root=out/news20
-    sae train  --preset news20 paths.root=out/news20                       # the 2-D map
-    sae train  --preset news20 paths.root=out/news20 'model.layers=[2000,500,250,125,10]'
-    python benchmarks/reproduce_news20.py out/news20 --ae2 models:/sae/1 --ae10 models:/sae/2
+    sae train  --preset news20 paths.root=out/news20 train.threads=1       # the 2-D map
+    sae train  --preset news20 paths.root=out/news20 train.threads=1 'model.layers=[2000,500,250,125,10]'
+    python benchmarks/reproduce_news20.py out/news20 --ae2 runs:/<2-D run>/model --ae10 runs:/<10-D run>/model
 
 Every method is fitted on the training posts only (``items/`` split ``20news-bydate-train``) and
 scored on the test posts: 5-NN accuracy of the newsgroup (``knn_classifier_accuracy``: scikit-learn's
