@@ -192,6 +192,10 @@ class TextConfig:
     min_df: PositiveFloat = 2.0
     # counts | binary (word present) | log1p (log(1 + count), Hinton 2006's document input) | tfidf (IDF stage).
     weighting: Literal["counts", "binary", "log1p", "tfidf"] = "counts"
+    # Each document's weighted vector divided by its L1 or L2 norm (none = as weighted). l2 makes the
+    # Euclidean distance of two posts their cosine distance, so a long post and a short one on the
+    # same topic are neighbours (Hinton 2006's document model sees word shares, not counts, too).
+    normalize: Literal["none", "l1", "l2"] = "none"
     # Fit the vocabulary and IDF on the documents of this split only (folders: the top folder, e.g.
     # 20news-bydate-train), so held-out documents do not choose the words. "" = every document.
     vocab_split: Text = ""

@@ -26,11 +26,14 @@ from pyspark.sql import types as T
 
 log = logging.getLogger(__name__)
 
-MAX_CATEGORIES = 12
+# Twenty colours, so that each of the 20 Newsgroups gets its own (matplotlib's tab10, then the dark
+# and mid tones of tab20b, which stay apart from tab10's hues); further categories are grey "other".
 PALETTE = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
     "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#ad494a",
+    "#637939", "#e7ba52", "#7b4173", "#6b6ecf", "#b5cf6b", "#843c39", "#de9ed6", "#8c6d31",
 ]
+MAX_CATEGORIES = len(PALETTE)
 OTHER_COLOUR = "#c7c7c7"
 OTHER = "other"
 # Every item's id, title and position travel with a sampled map (for search) up to this many items.

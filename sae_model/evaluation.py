@@ -198,6 +198,66 @@ def knn_label_share(
     return float(np.mean(shares))
 
 
+def retrieval_precision(
+    query_codes: Any,
+    query_labels: Any,
+    base_codes: Any,
+    base_labels: Any,
+    recall_levels: Sequence[float] = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5),
+    *,
+    block_elements: int = 20_000_000,
+) -> dict[float, float]:
+    """Hinton's document-retrieval measure: mean precision of the same-label base items at each recall
+    level, when every query retrieves base items nearest first (Hinton & Salakhutdinov 2006, fig. 4A;
+    the 10-D autoencoder codes against LSA's).
+
+    ``query_codes`` (m, d) and ``base_codes`` (n, d): e.g. test documents' codes and training
+    documents' codes; labels are 1-D arrays of m and n. For a query of label c with R_c base items of
+    label c, recall level r is reached at the first rank t where ceil(r * R_c) (at least 1) of them
+    have been retrieved; the precision there is ceil(r * R_c) / t. The result maps each level to the
+    mean over queries (queries whose label no base item has are left out). Exact Euclidean ranking
+    of every base item with ``sae_model.knn``'s tie rule (equal distances: the lower base index
+    first), query block by query block so that at most ``block_elements`` floats of differences are
+    held at once (7,466 test x 11,233 training posts: 18-172 s on two busy shared cores).
+    Raises ``ValueError`` for mismatched shapes, a level outside (0, 1], or no query with a label
+    the base has.
+    """
+    q = _as_2d_float64(query_codes, "query_codes")
+    c = _as_2d_float64(base_codes, "base_codes")
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"query_codes: {q.shape[1]} dims but base_codes has {c.shape[1]}")
+    yq, yc = np.asarray(query_labels), np.asarray(base_labels)
+    if yq.shape != (q.shape[0],) or yc.shape != (c.shape[0],):
+        raise ValueError(f"labels: expected 1-D arrays of {q.shape[0]} and {c.shape[0]}, got {yq.shape} and {yc.shape}")
+    levels = [float(r) for r in recall_levels]
+    if not levels or any(not 0.0 < r <= 1.0 for r in levels):
+        raise ValueError(f"recall_levels: each must be in (0, 1], got {levels}")
+    # Labels as small integers: comparing (block x n) strings would cost n x the label's bytes each.
+    _, codes = np.unique(np.concatenate([yc, yq]), return_inverse=True)
+    yc, yq = codes[: yc.shape[0]].reshape(-1), codes[yc.shape[0] :].reshape(-1)
+    relevant = np.bincount(yc, minlength=int(codes.max()) + 1)
+    keep = np.flatnonzero(relevant[yq] > 0)
+    if keep.size == 0:
+        raise ValueError("query_labels: no query has a label that any base item has")
+    n = c.shape[0]
+    sums = np.zeros(len(levels))
+    rows = max(1, block_elements // (n * max(1, c.shape[1])))
+    for s in range(0, keep.size, rows):
+        blk = keep[s : s + rows]
+        # Every base item ranked: direct squared distances, and a stable sort of the index-ordered
+        # columns puts equal distances in index order (topk's rule; its candidate search and lexsort
+        # only pay off for a few neighbours, not for all n).
+        d2 = ((q[blk][:, None, :] - c[None, :, :]) ** 2).sum(axis=-1)
+        order = np.argsort(d2, axis=1, kind="stable")
+        hits = np.cumsum(yc[order] == yq[blk][:, None], axis=1)
+        r_c = relevant[yq[blk]]
+        for i, r in enumerate(levels):
+            need = np.maximum(1, np.ceil(r * r_c - 1e-9)).astype(np.int64)
+            rank = 1 + np.argmax(hits >= need[:, None], axis=1)
+            sums[i] += float((need / rank).sum())
+    return {r: sums[i] / keep.size for i, r in enumerate(levels)}
+
+
 def knn_classifier_accuracy(train_codes: Any, train_labels: Any, test_codes: Any, test_labels: Any, k: int = 5) -> float:
     """Accuracy on the test items of a k-NN classifier fitted on the training items: the published
     protocol of the map tables (van der Maaten 2009; Sainburg, McInnes & Gentner 2021).

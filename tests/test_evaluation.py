@@ -20,6 +20,7 @@ from sae_model.evaluation import (
     knn_indices,
     knn_label_share,
     plot_maps_side_by_side,
+    retrieval_precision,
     squared_error_per_item,
     trustworthiness,
     umap_codes,
@@ -308,3 +309,25 @@ def test_nightly_holdout_metrics_are_evaluate_map_s():
     assert after.keys() == before.keys() and "ae_knn_accuracy" in after
     for key, value in before.items():
         assert after[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_retrieval_precision_by_hand():
+    # Base items on a line at 0..4 with labels A B A A B (R_A = 3, R_B = 2).
+    base, base_y = _col([0, 1, 2, 3, 4]), np.array(list("ABAAB"))
+    # Query A at -0.1 ranks 0A 1B 2A 3A 4B: level 0.3 needs ceil(0.9)=1 hit (rank 1), 0.5 needs 2
+    # (rank 3), 1.0 needs 3 (rank 4). Query B at 4.1 ranks 4B 3A 2A 1B 0A: 1, 1, then 2 hits at rank 4.
+    # Query C: no base item has C, so it is left out.
+    queries, query_y = _col([-0.1, 4.1, 2.0]), np.array(list("ABC"))
+    levels = (0.3, 0.5, 1.0)
+    want = {0.3: 1.0, 0.5: (2 / 3 + 1) / 2, 1.0: (3 / 4 + 2 / 4) / 2}
+    got = retrieval_precision(queries, query_y, base, base_y, levels)
+    assert got == pytest.approx(want)
+    # One query per block, at most 5 base items x 1 dim of distances each: the same figures.
+    assert retrieval_precision(queries, query_y, base, base_y, levels, block_elements=5) == pytest.approx(want)
+    # A tie (query A at 1.5: items 1B and 2A both at 0.5) goes to the lower index: 1B first, so the
+    # first A comes at rank 2.
+    assert retrieval_precision(_col([1.5]), ["A"], base, base_y, (0.3,)) == pytest.approx({0.3: 0.5})
+    with pytest.raises(ValueError, match="recall_levels"):
+        retrieval_precision(queries, query_y, base, base_y, (0.0,))
+    with pytest.raises(ValueError, match="no query"):
+        retrieval_precision(_col([1.0]), ["C"], base, base_y)

@@ -127,3 +127,46 @@ def test_png_and_page_share_colours_and_axes(spark, published):
     _, legend = colours(data.points.category)
     drawn = {r.name.split(":", 1)[1]: r.glyph.fill_color for r in fig.renderers if (r.name or "").startswith("group:")}
     assert drawn == legend and set(legend) == set(GENRES)
+
+
+def test_a_text_map_shows_each_posts_subject_and_colours_by_its_group(spark, tmp_path):
+    """The text source writes a post's Subject line as its title and its folder as its label: the
+    map's hover shows the subject and the label, and the features' top words; each group is coloured."""
+    from datetime import UTC, datetime
+
+    from pipelines.ingest import run_ingest
+    from pipelines.map_page import build_layout
+    from pipelines.schemas import CODES
+    from tests.test_text_source import STRIP, cfg_for, write_corpus
+
+    manifest = run_ingest(spark, cfg_for(tmp_path, write_corpus(tmp_path / "corpus"), *STRIP))
+    root = tmp_path / "out"
+    items = spark.read.parquet(str(root / "items"))
+    ids = {r["doc"]: r["item_id"] for r in items.collect()}
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    xy = {"train/sport/1": (0.0, 0.0), "train/sport/2": (1.0, 0.0), "train/space/3": (5.0, 5.0), "test/space/4": (6.0, 5.0)}
+    codes = spark.createDataFrame(
+        [(ids[d], [x, y], x, y, "models:/sae/1", "r1", "1", at) for d, (x, y) in xy.items()], CODES
+    )
+    feats = spark.read.parquet(str(root / "features"))
+    data = map_data(codes, items, None, feats, manifest["feature_names"], n_top=1)
+    pts = data.points.set_index("item_id")
+    by_doc = {d: pts.loc[i] for d, i in ids.items()}
+    assert [by_doc[d].title for d in xy] == ["Goal!", "Match", "Orbit", "Latin"]  # the Subject lines
+    assert [by_doc[d].category for d in xy] == ["sport", "sport", "space", "space"]
+    # The heaviest word (the test post's orbit and rocket tie, so it is left out here).
+    assert [by_doc[d].explain for d in list(xy)[:3]] == ["ball", "ball", "orbit"]
+    fig = build_layout(data, "news").select_one({"name": "map"})
+    from bokeh.models import HoverTool
+
+    (hover,) = [t for t in fig.tools if isinstance(t, HoverTool)]
+    assert hover.tooltips == [("", "@title"), ("id", "@item_id{0}"), ("label", "@category"), ("top features", "@explain")]
+    drawn = {r.name.split(":", 1)[1]: r.glyph.fill_color for r in fig.renderers if (r.name or "").startswith("group:")}
+    assert drawn == {"space": "#1f77b4", "sport": "#ff7f0e"}
+
+
+def test_twenty_groups_get_twenty_colours():
+    groups = pd.Series([f"g{i:02d}" for i in range(21) for _ in range(21 - i)])  # g20 is the rarest
+    cols, legend = colours(groups)
+    assert len(legend) == 20 and len(set(legend.values())) == 20 and "g20" not in legend
+    assert cols[-1] == "#c7c7c7"  # the 21st group is grey

@@ -121,6 +121,16 @@ def test_log1p_weighting(spark, tmp_path):
     assert by_doc(tmp_path / "out")["train/space/3"] == pytest.approx([math.log(5), math.log(2), math.log(3)], rel=1e-6)
 
 
+def test_log1p_weighting_normalised_to_unit_length(spark, tmp_path):
+    extra = ["data.text.weighting=log1p", "data.text.normalize=l2"]
+    manifest = run_ingest(spark, cfg_for(tmp_path, write_corpus(tmp_path / "corpus"), *STRIP, *extra))
+    got = by_doc(tmp_path / "out")
+    norm = math.sqrt(math.log(5) ** 2 + math.log(2) ** 2 + math.log(3) ** 2)
+    assert got["train/space/3"] == pytest.approx([math.log(5) / norm, math.log(2) / norm, math.log(3) / norm], rel=1e-6)
+    assert got["train/sport/2"] == pytest.approx([0.0, 1.0, 0.0])  # one word: a unit vector
+    assert manifest["text"]["normalize"] == "l2"
+
+
 def test_table_layout_with_string_ids_round_trip(spark, tmp_path):
     rows = [("doc-a", "orbit rocket orbit", "space"), ("doc-b", "ball ball orbit", "sport"),
             ("doc-c", "rocket ball", "space"), ("doc-c", "duplicate id", "space"), (None, "no id", "x")]
@@ -197,3 +207,4 @@ def test_config_keys_and_news20_preset():
     cfg = load_config(preset="news20")
     assert (cfg.data.source, cfg.model.layers, cfg.data.text.vocab_size) == ("text", [2000, 500, 250, 125, 2], 2000)
     assert cfg.data.text.weighting == "log1p" and cfg.data.text.vocab_split == "20news-bydate-train"
+    assert (cfg.data.text.normalize, cfg.train.split_column, cfg.train.train_value) == ("l2", "split", "20news-bydate-train")
