@@ -135,3 +135,18 @@ def test_limit_keeps_the_smallest_entities(spark, tmp_path):
     assert reasons == ["beyond data.limit", "beyond data.limit"]
     pairs = {r["item_id"] for r in pq.read_table(str((root / "state").resolve())).to_pylist() if r["kind"] == "pair"}
     assert pairs == {1, 2, 3}
+
+
+def test_check_reads_a_header_line_with_the_reader_options(tmp_path):
+    # A Latin-1, ';'-separated log with a header line: checked as Spark will read it (it was refused as
+    # "cannot be read ... damaged or not gzip?" and its header as 'user;tag;weight;ts').
+    path = write_log(tmp_path / "events.csv", ["user;tag;weight;ts", *LOG])
+    cfg = cfg_for(tmp_path, path, "data.options.header=true")
+    check_inputs(cfg)  # passes
+    with pytest.raises(events.InputError, match=r"header is 'user,tag,wt,ts', expected 'user,tag,weight,ts'"):
+        check_inputs(cfg_for(tmp_path, write_log(tmp_path / "bad.csv", ["user;tag;wt;ts", *LOG]), "data.options.header=true"))
+    utf8 = cfg_for(tmp_path, path, "data.options.header=true", "data.options.encoding=UTF-8")
+    with pytest.raises(events.InputError, match=r"events.csv: not utf-8 text .*set data.options.encoding"):
+        check_inputs(utf8)
+    with pytest.raises(events.InputError, match=r"data.options.encoding: unknown encoding 'latn1'"):
+        check_inputs(cfg_for(tmp_path, path, "data.options.header=true", "data.options.encoding=latn1"))

@@ -262,7 +262,7 @@ def check(cfg) -> None:
     for _, files in loads:
         for f in files:
             if fmt == "csv" and ec.columns and _header(options, ec):
-                check_header(f, ec.columns)
+                check_header(f, ec.columns, options)
             check_readable(f)
     movies = movies_file(cfg.data.input) if ec.movie_column else None
     if movies:
