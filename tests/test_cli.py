@@ -110,3 +110,19 @@ def test_printer_on_joined_genres_labels_and_bare_ids(tmp_path, capsys):
     _publish(tmp_path / "bare", bare, [(5, 6)])
     assert neighbors.lookup(str(tmp_path / "bare"), "5") == 0
     assert capsys.readouterr().out.splitlines() == ["nearest to 5: item 5", "    1.          6  d=0.5000  item 6"]
+
+
+
+def test_train_help_names_the_split_protocol_keys(capsys):
+    # `sae train --help` is where a newcomer looks for keys: the split protocol's two were not listed.
+    import dataclasses
+
+    from pipelines.config import load_config
+
+    with pytest.raises(SystemExit):
+        _parse(["train", "--help"])
+    text = capsys.readouterr().out
+    block = text[text.index("  train.*"):text.index("  infer.*")]
+    fields = {f.name for f in dataclasses.fields(load_config(None, []).train)}
+    for key in ("seed", "val_fraction", "device", "split_column", "train_value"):
+        assert key in block and key in fields, key
