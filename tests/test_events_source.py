@@ -150,3 +150,18 @@ def test_check_reads_a_header_line_with_the_reader_options(tmp_path):
         check_inputs(utf8)
     with pytest.raises(events.InputError, match=r"data.options.encoding: unknown encoding 'latn1'"):
         check_inputs(cfg_for(tmp_path, path, "data.options.header=true", "data.options.encoding=latn1"))
+
+
+def test_a_data_file_among_the_partitions_is_refused_not_dropped(tmp_path):
+    # tags/extra.csv beside tags/date=.../ was never read and never counted: its events vanished.
+    from pipelines.config import load_config as load
+
+    day = tmp_path / "in" / "tags" / "date=2024-01-02"
+    day.mkdir(parents=True)
+    (day / "part.csv").write_text("userId,movieId,tag,timestamp\n1,1,funny,100\n")
+    (day.parent / "_SUCCESS").write_text("")  # markers and hidden files are not data
+    cfg = load(None, [f"data.input={tmp_path / 'in'}", f"paths.root={tmp_path / 'out'}"], preset="movielens_tags")
+    assert events.find_loads(cfg.data.input, "tags") == [("date=2024-01-02", [str(day / "part.csv")])]
+    (day.parent / "extra.csv").write_text("userId,movieId,tag,timestamp\n2,1,dark,101\n")
+    with pytest.raises(events.InputError, match=r"tags/extra.csv: a data file beside the KEY=VALUE/ partitions"):
+        check_inputs(cfg)

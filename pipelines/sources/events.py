@@ -72,6 +72,7 @@ from pipelines.sources.table import (
     EXTENSIONS,
     PARTITION,
     _data_files,
+    check_no_loose_files,
     current_path,
     path_exists,
     read_table,
@@ -190,7 +191,7 @@ def find_loads(input_path: str, name: str = "", since: str = "") -> list[tuple[s
     """(load key, files) of the input, oldest first: one per ``KEY=VALUE/`` partition (``date=`` ones from
     ``since`` on) of ``input_path`` (``name`` set: of ``input_path/name/``), else the flat file(s) as one
     load keyed by the file's name. Raises InputError when nothing is there, or a flat file lies beside
-    partitions (either choice would silently drop or double events)."""
+    the partitions' folder or inside it next to them (either choice would silently drop or double events)."""
     if not is_local(input_path):
         path = f"{input_path.rstrip('/')}/{name}.csv" if name else input_path
         return [(Path(path).name, [path])]
@@ -224,6 +225,7 @@ def find_loads(input_path: str, name: str = "", since: str = "") -> list[tuple[s
                 loads.append((d.name, _one_per_name(files)))
         if not all_parts:
             raise InputError(f"{parts}: no KEY=VALUE/ partitions (date=YYYY-MM-DD/) with data files")
+        check_no_loose_files(parts)
         return loads
     return [(flats[0].name.removesuffix(".gz"), [str(pick_one(flats))])]
 
