@@ -244,18 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root or f"out/protocol-{data.name}").expanduser().resolve()
     found = idx_splits(data)
     notes = []
-    if args.quick:
-        root.mkdir(parents=True, exist_ok=True)
-        if quick_subset(found, root / "quick-data"):
-            notes.append(f"**`--quick` smoke check, not a measurement:** the first {QUICK_ROWS['train']:,} training and "
-                         f"{QUICK_ROWS['test']:,} test images of `{data}`, copied by the script to `{root / 'quick-data'}`; "
-                         f"{' '.join(QUICK)}.")
-            data_in = root / "quick-data"
-        else:
-            notes.append(f"**`--quick` smoke check, not a measurement:** {' '.join(QUICK)}.")
-            data_in = data
-    else:
-        data_in = data
     common = [f"paths.root={root}"]
     train_over = ["mlflow.experiment=protocol", "mlflow.registered_model=", *SPLIT, *(QUICK if args.quick else [])]
     pixels = image_size(found["train"][0])
@@ -273,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(cfg.evaluate.umap for _, cfg, _ in plans) and importlib.util.find_spec("umap") is None:
         notes.append("UMAP not measured: umap-learn is not installed (`pip install umap-learn==0.5.12 numba==0.61.2`).")
+    # Only now, with every config valid, is anything written under --root (a typo leaves no quick-data/).
+    data_in = data
+    if args.quick:
+        root.mkdir(parents=True, exist_ok=True)
+        if quick_subset(found, root / "quick-data"):
+            notes.insert(0, f"**`--quick` smoke check, not a measurement:** the first {QUICK_ROWS['train']:,} training and "
+                            f"{QUICK_ROWS['test']:,} test images of `{data}`, copied by the script to `{root / 'quick-data'}`; "
+                            f"{' '.join(QUICK)}.")
+            data_in = root / "quick-data"
+        else:
+            notes.insert(0, f"**`--quick` smoke check, not a measurement:** {' '.join(QUICK)}.")
 
     done: list[dict] = []
     ingest = run_command([*sae(), "ingest", "data.source=mnist", f"data.input={data_in}", *common, *args.overrides], done)
