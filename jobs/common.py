@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -241,7 +242,8 @@ def print_summary(summary: dict) -> None:
     uri = summary.get("tracking_uri", "")
     print(f"MLflow:     {uri}")
     if uri.startswith("sqlite:"):
-        print(f"            open the UI with: mlflow ui --backend-store-uri {uri}")
+        # Quoted for the shell: a paths.root with a space or # must still paste as one argument.
+        print(f"            open the UI with: mlflow ui --backend-store-uri {shlex.quote(uri)}")
 
 
 # ---------------------------------------------------------------- errors at the top of every command
