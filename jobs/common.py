@@ -339,7 +339,8 @@ def guarded(main: Callable[[], int], argv: list[str] | None = None) -> int:
     """Run a command's ``main`` with the errors every command shares turned into one line and exit 2.
 
     Environment faults print ``environment error: PATH: CAUSE (full trace in FILE)``; a model URI
-    that does not resolve prints ``error: ...``. Anything else propagates with its traceback (a bug).
+    that does not resolve prints ``error: ...``; a ``ConfigError`` raised past the config's loading
+    ``config error: KEY: ...``. Anything else propagates with its traceback (a bug).
     Used by ``sae``'s main and by each job's ``__main__`` (the spark-submit entry points) alike.
     """
     from sae_model.registry import ModelURIError
@@ -348,6 +349,9 @@ def guarded(main: Callable[[], int], argv: list[str] | None = None) -> int:
         return int(main() or 0)
     except ModelURIError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # a setting found wrong after resolve() (e.g. by a source's check)
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         root = _root_from_argv(sys.argv[1:] if argv is None else argv)

@@ -45,6 +45,7 @@ entity left without a vector are quarantined but stay in the state: later loads 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import unicodedata
@@ -136,8 +137,20 @@ def settings(cfg):
     source = cfg.data.source
     if source not in PRESETS:
         return cfg.data.events, dict(cfg.data.options)
-    from pipelines.config import load_config
+    from pipelines.config import ConfigError, load_config
 
+    # data.events.* set by the user would be dropped without a word (the preset's replace them): refused,
+    # unless they are the defaults or the preset's own (`--preset movielens_tags data.source=movielens_tags`).
+    given = dataclasses.asdict(cfg.data.events)
+    for ref in (load_config(None, []).data.events, load_config(None, [], preset=source).data.events):
+        if given == dataclasses.asdict(ref):
+            break
+    else:
+        ref = dataclasses.asdict(load_config(None, []).data.events)
+        key = next(k for k in given if given[k] != ref[k])
+        mapped = "data.logs.*" if source == "movielens_tags" else "data.ratings.*"
+        raise ConfigError(f"data.events.{key}: not read with data.source={source}, which takes {mapped}; "
+                          f"for data.events.* run --preset {source} (data.source=events) instead")
     lc, rc = cfg.data.logs, cfg.data.ratings
     over = [f"data.events.incremental={lc.incremental}"]
     if source == "movielens_tags":
