@@ -117,3 +117,18 @@ def test_events_keys_under_a_movielens_source_name_are_refused_not_dropped(tmp_p
     assert guarded(lambda: ingest_job.main(argv), argv) == 2
     assert capsys.readouterr().err.startswith("config error: data.events.top_k: not read")
     assert not (tmp_path / "out").exists()
+
+
+def test_logs_keys_under_the_events_presets_are_refused_not_dropped(tmp_path):
+    # --preset movielens_tags is data.source=events: data.logs.vocab_size=3 was never read (1,128 columns).
+    import pytest
+
+    from pipelines.config import ConfigError
+    from pipelines.sources.events import settings
+
+    over = [f"data.input={tmp_path / 'in'}", f"paths.root={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=r"^data.logs.vocab_size: not read with data.source=events .*data.events.top_k"):
+        settings(load_config(None, [*over, "data.logs.vocab_size=3"], preset="movielens_tags"))
+    with pytest.raises(ConfigError, match=r"^data.ratings.entity: .*data.events.entity_column and token_column"):
+        settings(load_config(None, [*over, "data.ratings.entity=user"], preset="movielens_ratings"))
+    assert settings(load_config(None, [*over, "data.events.top_k=3"], preset="movielens_tags"))[0].top_k == 3

@@ -124,6 +124,10 @@ STATE = T.StructType(
     ]
 )
 PRESETS = ("movielens_tags", "movielens_ratings")
+# data.logs.* / data.ratings.* -> the data.events.* key :func:`settings` maps it onto.
+LOGS_KEYS = {"vocab_size": "top_k", "min_support": "min_support", "weighting": "weighting",
+             "incremental": "incremental", "width": "top_k", "columns": "vocabulary",
+             "entity": "entity_column and token_column"}
 
 
 # ---------------------------------------------------------------- settings
@@ -135,9 +139,18 @@ def settings(cfg):
     (``conf/presets/NAME.yaml``) with ``data.logs.*`` or ``data.ratings.*`` applied and ``data.options``
     over the preset's options. Raises ``ConfigError`` on a bad preset."""
     source = cfg.data.source
-    if source not in PRESETS:
-        return cfg.data.events, dict(cfg.data.options)
     from pipelines.config import ConfigError, load_config
+
+    if source not in PRESETS:
+        if source == "events":  # `--preset movielens_tags data.logs.vocab_size=3`: data.logs.* is never read
+            base = load_config(None, []).data
+            for name in ("logs", "ratings"):
+                given, ref = dataclasses.asdict(getattr(cfg.data, name)), dataclasses.asdict(getattr(base, name))
+                key = next((k for k in given if given[k] != ref[k]), None)
+                if key:
+                    raise ConfigError(f"data.{name}.{key}: not read with data.source=events (what --preset movielens_* "
+                                      f"sets); set data.events.{LOGS_KEYS.get(key, '*')} instead")
+        return cfg.data.events, dict(cfg.data.options)
 
     # data.events.* set by the user would be dropped without a word (the preset's replace them): refused,
     # unless they are the defaults or the preset's own (`--preset movielens_tags data.source=movielens_tags`).
