@@ -165,3 +165,12 @@ def test_a_data_file_among_the_partitions_is_refused_not_dropped(tmp_path):
     (day.parent / "extra.csv").write_text("userId,movieId,tag,timestamp\n2,1,dark,101\n")
     with pytest.raises(events.InputError, match=r"tags/extra.csv: a data file beside the KEY=VALUE/ partitions"):
         check_inputs(cfg)
+
+
+def test_an_empty_log_is_one_input_error_before_spark(tmp_path):
+    # A 0-byte log without a header line got as far as Spark and ended in "no token has
+    # data.events.min_support=2 events; nothing to build", which does not say the file is empty.
+    path = tmp_path / "empty log.csv"
+    path.write_bytes(b"")
+    with pytest.raises(events.InputError, match=r"empty log.csv: empty file; no events to load"):
+        check_inputs(cfg_for(tmp_path, path))

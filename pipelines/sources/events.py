@@ -287,6 +287,10 @@ def check(cfg) -> None:
         return
     loads = find_loads(cfg.data.input, ec.file, cfg.data.since)
     fmt = table_format(loads[0][1][0] if loads else cfg.data.input, ec.format, "data.events.format")
+    every = [f for _, files in loads for f in files]
+    if every and all(is_local(f) and local_path(f).stat().st_size == 0 for f in every):
+        # Spark reads nothing from them and the run would end in "no token has min_support events".
+        raise InputError(f"{every[0]}: empty file{'s' if len(every) > 1 else ''}; no events to load (data.input)")
     for _, files in loads:
         for f in files:
             if fmt == "csv" and ec.columns and _header(options, ec):
