@@ -119,6 +119,7 @@ def quick_subset(found: dict[str, tuple[Path, Path]], out: Path) -> bool:
     (same names, uncompressed); False (nothing written) when every split is already that small."""
     from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, write_idx
 
+    # Every file parsed (raising InputError for a damaged one) before anything is written.
     parts = {split: (parse_idx(img, IMAGES_MAGIC, 3), parse_idx(lab, LABELS_MAGIC, 1)) for split, (img, lab) in found.items()}
     if all(len(parts[s][0]) <= QUICK_ROWS[s] for s in parts):
         return False
@@ -264,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     # Only now, with every config valid, is anything written under --root (a typo leaves no quick-data/).
     data_in = data
     if args.quick:
-        root.mkdir(parents=True, exist_ok=True)
-        if quick_subset(found, root / "quick-data"):
+        from pipelines.sources import InputError
+
+        try:
+            subset = quick_subset(found, root / "quick-data")
+        except InputError as exc:  # a damaged idx file: the same one line as `sae ingest` gives
+            print(f"input error: {exc}", file=sys.stderr)
+            return 2
+        if subset:
             notes.insert(0, f"**`--quick` smoke check, not a measurement:** the first {QUICK_ROWS['train']:,} training and "
                             f"{QUICK_ROWS['test']:,} test images of `{data}`, copied by the script to `{root / 'quick-data'}`; "
                             f"{' '.join(QUICK)}.")
