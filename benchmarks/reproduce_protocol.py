@@ -119,6 +119,7 @@ def quick_subset(found: dict[str, tuple[Path, Path]], out: Path) -> bool:
     (same names, uncompressed); False (nothing written) when every split is already that small."""
     from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, write_idx
 
+    # Every file parsed (raising InputError for a damaged one) before anything is written.
     parts = {split: (parse_idx(img, IMAGES_MAGIC, 3), parse_idx(lab, LABELS_MAGIC, 1)) for split, (img, lab) in found.items()}
     if all(len(parts[s][0]) <= QUICK_ROWS[s] for s in parts):
         return False
@@ -244,18 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root or f"out/protocol-{data.name}").expanduser().resolve()
     found = idx_splits(data)
     notes = []
-    if args.quick:
-        root.mkdir(parents=True, exist_ok=True)
-        if quick_subset(found, root / "quick-data"):
-            notes.append(f"**`--quick` smoke check, not a measurement:** the first {QUICK_ROWS['train']:,} training and "
-                         f"{QUICK_ROWS['test']:,} test images of `{data}`, copied by the script to `{root / 'quick-data'}`; "
-                         f"{' '.join(QUICK)}.")
-            data_in = root / "quick-data"
-        else:
-            notes.append(f"**`--quick` smoke check, not a measurement:** {' '.join(QUICK)}.")
-            data_in = data
-    else:
-        data_in = data
     common = [f"paths.root={root}"]
     train_over = ["mlflow.experiment=protocol", "mlflow.registered_model=", *SPLIT, *(QUICK if args.quick else [])]
     pixels = image_size(found["train"][0])
@@ -273,6 +262,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if any(cfg.evaluate.umap for _, cfg, _ in plans) and importlib.util.find_spec("umap") is None:
         notes.append("UMAP not measured: umap-learn is not installed (`pip install umap-learn==0.5.12 numba==0.61.2`).")
+    # Only now, with every config valid, is anything written under --root (a typo leaves no quick-data/).
+    data_in = data
+    if args.quick:
+        from pipelines.sources import InputError
+
+        try:
+            subset = quick_subset(found, root / "quick-data")
+        except InputError as exc:  # a damaged idx file: the same one line as `sae ingest` gives
+            print(f"input error: {exc}", file=sys.stderr)
+            return 2
+        if subset:
+            notes.insert(0, f"**`--quick` smoke check, not a measurement:** the first {QUICK_ROWS['train']:,} training and "
+                            f"{QUICK_ROWS['test']:,} test images of `{data}`, copied by the script to `{root / 'quick-data'}`; "
+                            f"{' '.join(QUICK)}.")
+            data_in = root / "quick-data"
+        else:
+            notes.insert(0, f"**`--quick` smoke check, not a measurement:** {' '.join(QUICK)}.")
 
     done: list[dict] = []
     ingest = run_command([*sae(), "ingest", "data.source=mnist", f"data.input={data_in}", *common, *args.overrides], done)

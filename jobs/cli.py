@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("jobs.run", "ingest -> train -> infer in one command"),
     "nightly": ("jobs.nightly", "scheduled retraining: ingest, train, compare, promote, publish, report"),
     "rollback": ("jobs.rollback", "restore the previous champion and its codes/ and neighbors/"),
-    "evaluate": ("jobs.evaluate", "score a trained map against PCA on the validation split, log to MLflow"),
+    "evaluate": ("jobs.evaluate", "score a trained map against PCA on the held-out items (test split or validation), log to MLflow"),
     "sweep": ("jobs.sweep", "grid or random search over config keys as MLflow child runs; print the best"),
 }
 

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,8 @@ config keys (set in YAML or as dotted key=value overrides):
   model.*            layers (e.g. [1128,1000,500,250,2]), activation, code_activation, init (default|glorot4)
   pretrain.*         method (autoencoder|rbm|none), epochs, lr, batch_size, loss_reduction (mean|sum), decoder_bias, ...
   finetune.*         epochs, lr, batch_size, loss (mse|bce|tsne|umap), recon_weight, neighbor_batch_size, ...
-  train.*            seed, val_fraction, device (auto|cpu|cuda), ...
+  train.*            seed, val_fraction, device (auto|cpu|cuda), split_column + train_value (train only on the
+                     items/ rows whose column equals train_value; sae evaluate scores the rest), ...
   infer.*            model_uri, k, metric, layer, method, force (publish a model marked unhealthy)
   evaluate.*         k_knn, k_tw, max_items, max_fit_items, seed, umap, after_train
   mlflow.*           tracking_uri, experiment, registered_model
@@ -240,7 +242,8 @@ def print_summary(summary: dict) -> None:
     uri = summary.get("tracking_uri", "")
     print(f"MLflow:     {uri}")
     if uri.startswith("sqlite:"):
-        print(f"            open the UI with: mlflow ui --backend-store-uri {uri}")
+        # Quoted for the shell: a paths.root with a space or # must still paste as one argument.
+        print(f"            open the UI with: mlflow ui --backend-store-uri {shlex.quote(uri)}")
 
 
 # ---------------------------------------------------------------- errors at the top of every command
@@ -336,7 +339,8 @@ def guarded(main: Callable[[], int], argv: list[str] | None = None) -> int:
     """Run a command's ``main`` with the errors every command shares turned into one line and exit 2.
 
     Environment faults print ``environment error: PATH: CAUSE (full trace in FILE)``; a model URI
-    that does not resolve prints ``error: ...``. Anything else propagates with its traceback (a bug).
+    that does not resolve prints ``error: ...``; a ``ConfigError`` raised past the config's loading
+    ``config error: KEY: ...``. Anything else propagates with its traceback (a bug).
     Used by ``sae``'s main and by each job's ``__main__`` (the spark-submit entry points) alike.
     """
     from sae_model.registry import ModelURIError
@@ -345,6 +349,9 @@ def guarded(main: Callable[[], int], argv: list[str] | None = None) -> int:
         return int(main() or 0)
     except ModelURIError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # a setting found wrong after resolve() (e.g. by a source's check)
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         root = _root_from_argv(sys.argv[1:] if argv is None else argv)

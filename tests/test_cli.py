@@ -110,3 +110,33 @@ def test_printer_on_joined_genres_labels_and_bare_ids(tmp_path, capsys):
     _publish(tmp_path / "bare", bare, [(5, 6)])
     assert neighbors.lookup(str(tmp_path / "bare"), "5") == 0
     assert capsys.readouterr().out.splitlines() == ["nearest to 5: item 5", "    1.          6  d=0.5000  item 6"]
+
+
+
+def test_train_help_names_the_split_protocol_keys(capsys):
+    # `sae train --help` is where a newcomer looks for keys: the split protocol's two were not listed.
+    import dataclasses
+
+    from pipelines.config import load_config
+
+    with pytest.raises(SystemExit):
+        _parse(["train", "--help"])
+    text = capsys.readouterr().out
+    block = text[text.index("  train.*"):text.index("  infer.*")]
+    fields = {f.name for f in dataclasses.fields(load_config(None, []).train)}
+    for key in ("seed", "val_fraction", "device", "split_column", "train_value"):
+        assert key in block and key in fields, key
+
+
+def test_printed_mlflow_ui_command_pastes_with_a_space_in_the_root(capsys):
+    # `sae infer` under paths.root="/tmp/my run" printed `mlflow ui --backend-store-uri sqlite:////tmp/my
+    # run/mlflow.db`, which the shell splits in two.
+    import shlex
+
+    from jobs.common import print_summary
+
+    uri = "sqlite:////tmp/my run #1/mlflow.db"
+    print_summary({"codes": "c", "items": 3, "code_width": 2, "neighbors": "n", "method": "exact",
+                   "model_uri": "runs:/r/model", "run_id": "r", "model_version": None, "tracking_uri": uri})
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "mlflow ui" in ln)
+    assert shlex.split(line.split("open the UI with: ", 1)[1]) == ["mlflow", "ui", "--backend-store-uri", uri]

@@ -135,3 +135,42 @@ def test_limit_keeps_the_smallest_entities(spark, tmp_path):
     assert reasons == ["beyond data.limit", "beyond data.limit"]
     pairs = {r["item_id"] for r in pq.read_table(str((root / "state").resolve())).to_pylist() if r["kind"] == "pair"}
     assert pairs == {1, 2, 3}
+
+
+def test_check_reads_a_header_line_with_the_reader_options(tmp_path):
+    # A Latin-1, ';'-separated log with a header line: checked as Spark will read it (it was refused as
+    # "cannot be read ... damaged or not gzip?" and its header as 'user;tag;weight;ts').
+    path = write_log(tmp_path / "events.csv", ["user;tag;weight;ts", *LOG])
+    cfg = cfg_for(tmp_path, path, "data.options.header=true")
+    check_inputs(cfg)  # passes
+    with pytest.raises(events.InputError, match=r"header is 'user,tag,wt,ts', expected 'user,tag,weight,ts'"):
+        check_inputs(cfg_for(tmp_path, write_log(tmp_path / "bad.csv", ["user;tag;wt;ts", *LOG]), "data.options.header=true"))
+    utf8 = cfg_for(tmp_path, path, "data.options.header=true", "data.options.encoding=UTF-8")
+    with pytest.raises(events.InputError, match=r"events.csv: not utf-8 text .*set data.options.encoding"):
+        check_inputs(utf8)
+    with pytest.raises(events.InputError, match=r"data.options.encoding: unknown encoding 'latn1'"):
+        check_inputs(cfg_for(tmp_path, path, "data.options.header=true", "data.options.encoding=latn1"))
+
+
+def test_a_data_file_among_the_partitions_is_refused_not_dropped(tmp_path):
+    # tags/extra.csv beside tags/date=.../ was never read and never counted: its events vanished.
+    from pipelines.config import load_config as load
+
+    day = tmp_path / "in" / "tags" / "date=2024-01-02"
+    day.mkdir(parents=True)
+    (day / "part.csv").write_text("userId,movieId,tag,timestamp\n1,1,funny,100\n")
+    (day.parent / "_SUCCESS").write_text("")  # markers and hidden files are not data
+    cfg = load(None, [f"data.input={tmp_path / 'in'}", f"paths.root={tmp_path / 'out'}"], preset="movielens_tags")
+    assert events.find_loads(cfg.data.input, "tags") == [("date=2024-01-02", [str(day / "part.csv")])]
+    (day.parent / "extra.csv").write_text("userId,movieId,tag,timestamp\n2,1,dark,101\n")
+    with pytest.raises(events.InputError, match=r"tags/extra.csv: a data file beside the KEY=VALUE/ partitions"):
+        check_inputs(cfg)
+
+
+def test_an_empty_log_is_one_input_error_before_spark(tmp_path):
+    # A 0-byte log without a header line got as far as Spark and ended in "no token has
+    # data.events.min_support=2 events; nothing to build", which does not say the file is empty.
+    path = tmp_path / "empty log.csv"
+    path.write_bytes(b"")
+    with pytest.raises(events.InputError, match=r"empty log.csv: empty file; no events to load"):
+        check_inputs(cfg_for(tmp_path, path))

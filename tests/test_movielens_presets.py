@@ -95,3 +95,40 @@ def test_tags_preset_file_and_source_name_publish_the_same(spark, tmp_path):
     assert got[0] == got[1]
     assert got[0][0] == {260: [1.0, 0.0], 4973: [0.0, 1.0]} and got[0][3] == ["sci-fi", "amélie"]
     assert got[0][4] == (13, 5, 8)
+
+
+def test_events_keys_under_a_movielens_source_name_are_refused_not_dropped(tmp_path, capsys):
+    # data.source=movielens_tags runs the preset with data.logs.* mapped: a data.events.* key was dropped
+    # without a word (top_k=3 built 1,128 columns). One config line, exit 2, before Spark.
+    import pytest
+
+    from jobs import ingest as ingest_job
+    from jobs.common import guarded
+    from pipelines.config import ConfigError
+    from pipelines.sources.events import settings
+
+    write(tmp_path / "in" / "tags.csv", tags_day1())
+    over = ["data.source=movielens_tags", f"data.input={tmp_path / 'in'}", f"paths.root={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=r"^data.events.top_k: not read with data.source=movielens_tags, which takes data.logs"):
+        settings(load_config(None, [*over, "data.events.top_k=3"]))
+    assert settings(load_config(None, [*over, "data.logs.vocab_size=3"]))[0].top_k == 3
+    assert settings(load_config(None, over, preset="movielens_tags"))[0].top_k == 1128  # the preset's own: fine
+    argv = [*over, "data.events.top_k=3"]
+    assert guarded(lambda: ingest_job.main(argv), argv) == 2
+    assert capsys.readouterr().err.startswith("config error: data.events.top_k: not read")
+    assert not (tmp_path / "out").exists()
+
+
+def test_logs_keys_under_the_events_presets_are_refused_not_dropped(tmp_path):
+    # --preset movielens_tags is data.source=events: data.logs.vocab_size=3 was never read (1,128 columns).
+    import pytest
+
+    from pipelines.config import ConfigError
+    from pipelines.sources.events import settings
+
+    over = [f"data.input={tmp_path / 'in'}", f"paths.root={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=r"^data.logs.vocab_size: not read with data.source=events .*data.events.top_k"):
+        settings(load_config(None, [*over, "data.logs.vocab_size=3"], preset="movielens_tags"))
+    with pytest.raises(ConfigError, match=r"^data.ratings.entity: .*data.events.entity_column and token_column"):
+        settings(load_config(None, [*over, "data.ratings.entity=user"], preset="movielens_ratings"))
+    assert settings(load_config(None, [*over, "data.events.top_k=3"], preset="movielens_tags"))[0].top_k == 3

@@ -86,3 +86,34 @@ def test_quick_protocol_on_a_tiny_idx_folder(tmp_path):
         assert ours[(code, "pca")]["knn_accuracy"] > 0.35
     table = (out / "protocol.md").read_text()
     assert f"`{data}`" in table and "MNIST published" in table and "13.87" in table and "0.961" in table
+
+
+def test_a_config_error_writes_nothing_under_root(tmp_path, capsys, monkeypatch):
+    # --quick copied its subset to <root>/quick-data before the overrides were checked, so a typo left files.
+    spec = importlib.util.spec_from_file_location("reproduce_protocol", ROOT / "benchmarks/reproduce_protocol.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "QUICK_ROWS", {"train": 4, "test": 2})  # so this folder needs a subset
+    data = tmp_path / "idx"
+    for prefix, n in (("train", 8), ("t10k", 4)):
+        write_idx(data / f"{prefix}-images-idx3-ubyte", np.zeros((n, 28, 28), np.uint8))
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", np.zeros(n, np.uint8))
+    assert script.main(["--data", str(data), "--quick", "--root", str(tmp_path / "out"), "train.seeed=1"]) == 2
+    assert capsys.readouterr().err.startswith("config error: override 'train.seeed=1': unknown config key 'train.seeed'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_on_a_damaged_idx_file_is_one_input_error(tmp_path, capsys):
+    # --quick parsed the files for its subset outside any handler: a cut-short .gz gave a traceback, exit 1.
+    spec = importlib.util.spec_from_file_location("reproduce_protocol", ROOT / "benchmarks/reproduce_protocol.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = tmp_path / "idx"
+    for prefix, n in (("train", 8), ("t10k", 4)):
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", (np.arange(n * 784) % 251).astype(np.uint8).reshape(n, 28, 28))
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(n, np.uint8))
+    bad = data / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:40])
+    assert script.main(["--data", str(data), "--quick", "--root", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"input error: {bad}: cannot be read")
+    assert not (tmp_path / "out").exists()

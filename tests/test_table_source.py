@@ -159,3 +159,13 @@ def test_limit_keeps_the_smallest_ids_and_quarantines_the_rest(spark, tmp_path, 
     assert reasons == sorted(["beyond data.limit", "beyond data.limit",
                               "null or non-numeric value in " + ("a" if shape == "wide" else "value")])
     assert counts(m) == ((5, 2, 3) if shape == "wide" else (6, 3, 3))
+
+
+def test_a_data_file_among_the_partitions_is_refused_not_dropped(tmp_path):
+    # Only KEY=VALUE/ folders are read: a file put beside them would be dropped without a word.
+    base = tmp_path / "events"
+    (base / "date=2024-01-01").mkdir(parents=True)
+    (base / "date=2024-01-01" / "a.csv").write_text("id,a\nx,1\n")
+    (base / "2024-01-02.csv").write_text("id,a\ny,2\n")
+    with pytest.raises(InputError, match=r"2024-01-02.csv: a data file beside the KEY=VALUE/ partitions"):
+        check_inputs(cfg_for(tmp_path, base, "data.table.format=csv"))

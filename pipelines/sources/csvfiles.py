@@ -6,6 +6,7 @@ that no line is lost.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import logging
@@ -56,6 +57,10 @@ def open_input(path: Path | str, mode: str = "rb", **text_args) -> Iterator:
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
             raise
+        if isinstance(exc, UnicodeDecodeError):
+            # Not damage: text in another encoding than the one it is read with.
+            raise InputError(f"{p}: not {exc.encoding} text ({exc.reason} at byte {exc.start}); "
+                             "set data.options.encoding (e.g. ISO-8859-1) if it is in another encoding") from None
         raise InputError(f"{p}: cannot be read ({exc}); truncated, damaged or not gzip?") from None
 
 
@@ -96,14 +101,27 @@ def pick_one(found: Sequence[Path]) -> Path:
     return first
 
 
-def check_header(path: str, expected: Sequence[str]) -> None:
+def check_header(path: str, expected: Sequence[str], options: dict[str, str] | None = None) -> None:
     """Local files only: the header is exactly ``expected`` (quotes, BOM and blanks ignored) and at
-    least one data line follows."""
+    least one data line follows. ``options`` are the Spark CSV reader's (``data.options``): the file
+    is decoded with its ``encoding``/``charset`` (default UTF-8) and split at its ``sep``/``delimiter``
+    and ``quote``, as Spark will read it, so a Latin-1 or ';'-separated log is not refused here."""
     if not is_local(path):
         return
     p = local_path(path)
-    with open_input(p, "rt", encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+    opts = {k.lower(): str(v) for k, v in (options or {}).items()}
+    encoding = opts.get("encoding") or opts.get("charset") or "utf-8"
+    try:
+        # utf-8-sig drops a BOM; any other codec Python knows is used as given.
+        encoding = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    except LookupError:
+        raise InputError(f"data.options.encoding: unknown encoding {encoding!r} (e.g. UTF-8, ISO-8859-1)") from None
+    sep = (opts.get("sep") or opts.get("delimiter") or ",").replace("\\t", "\t")
+    if len(sep) != 1:
+        return  # a multi-character separator (Spark allows one) is beyond Python's csv: Spark checks it
+    fmt = {"delimiter": sep, "quotechar": opts.get("quote") or '"'}
+    with open_input(p, "rt", encoding=encoding, newline="") as fh:
+        reader = csv.reader(fh, **fmt)
         header = next(reader, None)
         if header is None:
             raise InputError(f"{p}: file is empty; expected a header line {','.join(expected)} and data lines")

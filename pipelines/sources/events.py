@@ -45,6 +45,7 @@ entity left without a vector are quarantined but stay in the state: later loads 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import unicodedata
@@ -72,6 +73,7 @@ from pipelines.sources.table import (
     EXTENSIONS,
     PARTITION,
     _data_files,
+    check_no_loose_files,
     current_path,
     path_exists,
     read_table,
@@ -122,6 +124,10 @@ STATE = T.StructType(
     ]
 )
 PRESETS = ("movielens_tags", "movielens_ratings")
+# data.logs.* / data.ratings.* -> the data.events.* key :func:`settings` maps it onto.
+LOGS_KEYS = {"vocab_size": "top_k", "min_support": "min_support", "weighting": "weighting",
+             "incremental": "incremental", "width": "top_k", "columns": "vocabulary",
+             "entity": "entity_column and token_column"}
 
 
 # ---------------------------------------------------------------- settings
@@ -133,10 +139,31 @@ def settings(cfg):
     (``conf/presets/NAME.yaml``) with ``data.logs.*`` or ``data.ratings.*`` applied and ``data.options``
     over the preset's options. Raises ``ConfigError`` on a bad preset."""
     source = cfg.data.source
-    if source not in PRESETS:
-        return cfg.data.events, dict(cfg.data.options)
-    from pipelines.config import load_config
+    from pipelines.config import ConfigError, load_config
 
+    if source not in PRESETS:
+        if source == "events":  # `--preset movielens_tags data.logs.vocab_size=3`: data.logs.* is never read
+            base = load_config(None, []).data
+            for name in ("logs", "ratings"):
+                given, ref = dataclasses.asdict(getattr(cfg.data, name)), dataclasses.asdict(getattr(base, name))
+                key = next((k for k in given if given[k] != ref[k]), None)
+                if key:
+                    raise ConfigError(f"data.{name}.{key}: not read with data.source=events (what --preset movielens_* "
+                                      f"sets); set data.events.{LOGS_KEYS.get(key, '*')} instead")
+        return cfg.data.events, dict(cfg.data.options)
+
+    # data.events.* set by the user would be dropped without a word (the preset's replace them): refused,
+    # unless they are the defaults or the preset's own (`--preset movielens_tags data.source=movielens_tags`).
+    given = dataclasses.asdict(cfg.data.events)
+    for ref in (load_config(None, []).data.events, load_config(None, [], preset=source).data.events):
+        if given == dataclasses.asdict(ref):
+            break
+    else:
+        ref = dataclasses.asdict(load_config(None, []).data.events)
+        key = next(k for k in given if given[k] != ref[k])
+        mapped = "data.logs.*" if source == "movielens_tags" else "data.ratings.*"
+        raise ConfigError(f"data.events.{key}: not read with data.source={source}, which takes {mapped}; "
+                          f"for data.events.* run --preset {source} (data.source=events) instead")
     lc, rc = cfg.data.logs, cfg.data.ratings
     over = [f"data.events.incremental={lc.incremental}"]
     if source == "movielens_tags":
@@ -190,7 +217,7 @@ def find_loads(input_path: str, name: str = "", since: str = "") -> list[tuple[s
     """(load key, files) of the input, oldest first: one per ``KEY=VALUE/`` partition (``date=`` ones from
     ``since`` on) of ``input_path`` (``name`` set: of ``input_path/name/``), else the flat file(s) as one
     load keyed by the file's name. Raises InputError when nothing is there, or a flat file lies beside
-    partitions (either choice would silently drop or double events)."""
+    the partitions' folder or inside it next to them (either choice would silently drop or double events)."""
     if not is_local(input_path):
         path = f"{input_path.rstrip('/')}/{name}.csv" if name else input_path
         return [(Path(path).name, [path])]
@@ -224,6 +251,7 @@ def find_loads(input_path: str, name: str = "", since: str = "") -> list[tuple[s
                 loads.append((d.name, _one_per_name(files)))
         if not all_parts:
             raise InputError(f"{parts}: no KEY=VALUE/ partitions (date=YYYY-MM-DD/) with data files")
+        check_no_loose_files(parts)
         return loads
     return [(flats[0].name.removesuffix(".gz"), [str(pick_one(flats))])]
 
@@ -259,10 +287,14 @@ def check(cfg) -> None:
         return
     loads = find_loads(cfg.data.input, ec.file, cfg.data.since)
     fmt = table_format(loads[0][1][0] if loads else cfg.data.input, ec.format, "data.events.format")
+    every = [f for _, files in loads for f in files]
+    if every and all(is_local(f) and local_path(f).stat().st_size == 0 for f in every):
+        # Spark reads nothing from them and the run would end in "no token has min_support events".
+        raise InputError(f"{every[0]}: empty file{'s' if len(every) > 1 else ''}; no events to load (data.input)")
     for _, files in loads:
         for f in files:
             if fmt == "csv" and ec.columns and _header(options, ec):
-                check_header(f, ec.columns)
+                check_header(f, ec.columns, options)
             check_readable(f)
     movies = movies_file(cfg.data.input) if ec.movie_column else None
     if movies:

@@ -132,9 +132,23 @@ def partitions(input_path: str, since: str = "") -> list[tuple[str, str]]:
     return found
 
 
+def check_no_loose_files(base: Path) -> None:
+    """InputError naming the first data file (a known extension, not ``_``/``.``-prefixed) that lies
+    directly in ``base`` beside its ``KEY=VALUE/`` partitions: only partitions are read, so its rows
+    would be dropped without a word (a day's file put in ``tags/`` instead of ``tags/date=.../``)."""
+    loose = [p for p in sorted(base.iterdir()) if p.is_file() and not p.name.startswith(("_", "."))
+             and Path(p.name.removesuffix(".gz")).suffix in EXTENSIONS]
+    if loose:
+        raise InputError(f"{loose[0]}: a data file beside the KEY=VALUE/ partitions of {base}, which alone are "
+                         "read; move it into a partition (e.g. date=YYYY-MM-DD/) or out of the folder")
+
+
 def check(cfg) -> None:
-    """Before Spark: the input exists (a file, a folder or a catalog name) and its format is known."""
+    """Before Spark: the input exists (a file, a folder or a catalog name), its format is known, and a
+    partitioned folder holds no data file outside its partitions (:func:`check_no_loose_files`)."""
     tc = cfg.data.table
+    if partitions(cfg.data.input):
+        check_no_loose_files(local_path(cfg.data.input))
     fmt = table_format(cfg.data.input, tc.format, "data.table.format")
     if fmt == "catalog" and not cfg.data.input:
         raise InputError("data.input: the catalog table's name is empty")
