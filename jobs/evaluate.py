@@ -73,7 +73,7 @@ def run(cfg: Config, model_uri: str | None = None) -> dict:
                 float(trained_with) != value if key == "train.val_fraction" else trained_with != value
             )
             if differs:
-                log.info("using the model's own split: %s=%s (config has %s)", key, trained_with, value)
+                log.info("using the model's own split: %s=%r (config has %r)", key, trained_with, value)
                 split[key] = float(trained_with) if key == "train.val_fraction" else trained_with
         train_seconds = data.metrics.get("ae_fit_seconds")  # its training's time, logged after `sae train`
     encoder = load_encoder(uri)

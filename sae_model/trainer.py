@@ -624,9 +624,10 @@ class Trainer:
                     cb.on_epoch_end(self, stage, rec)
                 secs, n = spent.get(stage.index, (0.0, 0))
                 spent[stage.index] = (secs + time.monotonic() - t0, n + 1)
+                val_text = "no validation rows" if self._val_rows == 0 else f"validation {val_loss:.6g}"
                 log.info(
-                    "%s epoch %d/%d: train %.6g, validation %.6g (%.1fs; ETA %.0fs)",
-                    stage.name, epoch + 1, stage.epochs, train_loss, val_loss, rec.seconds,
+                    "%s epoch %d/%d: train %.6g, %s (%.1fs; ETA %.0fs)",
+                    stage.name, epoch + 1, stage.epochs, train_loss, val_text, rec.seconds,
                     eta_seconds(stages, stage, epoch, spent, self.model.layers),
                 )
                 self.save(stage, epoch, finished=False)
