@@ -24,11 +24,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # Everything but the tests marked slow (spark-submit, a standalone cluster, groups of training
-# processes, the simulated nights, the real Tag Genome slice end to end), with Spark's code generation
-# off (SAE_TEST_FAST_SPARK, tests/conftest.py): quick feedback while developing. CI runs `make test`,
-# which runs every test with code generation on, as the jobs run. Times: README, "Tests".
+# processes, the simulated nights, the real Tag Genome slice end to end): quicker feedback while
+# developing (not yet the three minutes issue 18 asks for: README, "Tests"). CI runs `make test`.
 test-fast: setup
-	SAE_TEST_FAST_SPARK=1 $(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -20,16 +20,6 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 JDBC_JAR = "/usr/share/java/postgresql.jar"
 
-# The test JVM compiles with C1 only and collects with the serial collector: it lives a few minutes
-# and runs thousands of tiny jobs, so C2's optimising compiles and parallel GC threads cost more CPU
-# than they save (measured on the incremental-ingest tests: about a third less JVM CPU). The JIT level
-# and the collector do not change any result.
-TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-# `make test-fast` sets this: Spark interprets expressions and operators instead of generating and
-# compiling Java for every plan of a tiny job (Spark's own suites run both modes; the answers are
-# the same by contract). `make test` leaves it unset and runs Spark's code generation, as the jobs do.
-FAST_SPARK = os.environ.get("SAE_TEST_FAST_SPARK") == "1"
-
 
 @pytest.fixture()
 def one_thread():
@@ -69,7 +59,7 @@ def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
     warehouse = tmp_path_factory.mktemp("spark-warehouse")
-    builder = (
+    session = (
         SparkSession.builder.master("local[2]")
         .appName("sae-tests")
         .config("spark.sql.shuffle.partitions", "4")
@@ -83,11 +73,8 @@ def spark(tmp_path_factory):
         .config("spark.driver.bindAddress", "127.0.0.1")
         # The JDBC source's tests need the driver before the JVM starts (scripts/setup_system.sh installs it).
         .config("spark.jars", JDBC_JAR if os.path.isfile(JDBC_JAR) else "")
-        .config("spark.driver.extraJavaOptions", TEST_JVM_OPTIONS)
+        .getOrCreate()
     )
-    if FAST_SPARK:
-        builder = builder.config("spark.sql.codegen.wholeStage", "false").config("spark.sql.codegen.factoryMode", "NO_CODEGEN")
-    session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
