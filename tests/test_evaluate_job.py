@@ -25,6 +25,15 @@ VAL = 0.3
 pytestmark = pytest.mark.usefixtures("one_thread", "mlflow_reset")
 
 
+@pytest.fixture(autouse=True)
+def _no_umap(monkeypatch):
+    """umap-learn may be installed (benchmarks/reproduce_tag_genome.py uses it): import it as absent in
+    every test here, as ``trained`` does. No test here asserts a UMAP number, and a real UMAP fit (numba
+    compiling first) cost more than the rest of the module together; the baseline's own code is
+    tested with a stand-in in test_evaluation.py."""
+    monkeypatch.setitem(sys.modules, "umap", None)
+
+
 def clusters(n: int, dim: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``k`` tight, well separated clusters in [0,1]^dim: a good 2-D map keeps them apart."""
     rng = np.random.default_rng(seed)

@@ -24,6 +24,11 @@ CANDIDATES = [os.environ.get("SAE_TAG_GENOME_SLICE", ""), REPO.parent / "shared/
 SLICE = next((Path(p) for p in CANDIDATES if p and (Path(p) / "genome-scores.csv").exists()), None)
 
 
+# A long run on real data (ingest, 20 epochs on 1,128-wide rows, PCA and trustworthiness): `make test` runs
+# it. The fast subset keeps the same behaviours on small inputs: Tag Genome ingest in test_ingest_job and
+# test_bad_input, the train job in test_train, neighbour fine-tuning beating reconstruction in test_train,
+# the health verdict in test_health.
+@pytest.mark.slow
 @pytest.mark.skipif(SLICE is None, reason="the real Tag Genome slice is not on this machine (set SAE_TAG_GENOME_SLICE)")
 def test_real_slice_gives_a_spread_map_that_keeps_genres_better_than_pca(spark, tmp_path):
     from jobs import ingest, train
