@@ -126,6 +126,22 @@ except ImportError:  # pragma: no cover - mlflow is a hard dependency of the pro
     SAEPyfunc = None  # type: ignore[assignment,misc]
 
 
+def pip_requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to what is installed: what MLflow's own inference
+    finds for this pyfunc (mlflow, cloudpickle, numpy and this package, which brings torch), stated
+    up front, because MLflow infers them by importing the model in a subprocess: ~3.5 s of every
+    ``log_model`` (0.2 s without). A distribution that is not installed is left out."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("mlflow", "cloudpickle", "numpy", "sae-maps"):
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def log_model(
     model: StackedAutoencoder,
     name: str = "model",
@@ -151,6 +167,7 @@ def log_model(
             signature=signature,
             input_example=input_example,
             registered_model_name=registered_model_name or None,
+            pip_requirements=pip_requirements(),
         )
 
 

@@ -22,3 +22,17 @@ def test_logged_model_loads_by_run_and_alias(tmp_path):
     # The pyfunc flavour gives the same codes (what mlflow.pyfunc.spark_udf would call).
     np.testing.assert_allclose(mlflow.pyfunc.load_model(info.model_uri).predict(x), want, atol=1e-6)
     mlflow.set_tracking_uri("")
+
+
+def test_logged_requirements_are_the_installed_versions(tmp_path, mlflow_reset):
+    from importlib.metadata import version
+    from pathlib import Path
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("requirements")
+    with mlflow.start_run():
+        info = log_model(StackedAutoencoder([8, 4, 2]))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(tmp_path / "m")))
+    lines = (local / "requirements.txt").read_text(encoding="utf-8").split()
+    # What MLflow's inference found for this pyfunc, stated without its import subprocess.
+    assert lines == [f"{d}=={version(d)}" for d in ("mlflow", "cloudpickle", "numpy", "sae-maps")]
