@@ -155,6 +155,18 @@ class _EvalAt(Callback):
             self.fn(trainer, record.epoch + 1)
 
 
+def table(rows: list[dict]) -> str:
+    """The results file's rows as one Markdown table (method, 5-NN, 1-NN, trust train/test, continuity,
+    squared error, fit seconds)."""
+    cols = [("method", "{}"), ("epoch", "{}"), ("knn5", "{:.3f}"), ("knn1", "{:.3f}"), ("trust_train", "{:.3f}"),
+            ("trust_test", "{:.3f}"), ("cont_test", "{:.3f}"), ("sq_error", "{:.2f}"), ("fit_seconds", "{:.0f}")]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        r = dict(row, method=row.get("method") or row.get("tag"))
+        lines.append("| " + " | ".join(f.format(r[c]) if r.get(c) is not None else "-" for c, f in cols) + " |")
+    return "\n".join(lines)
+
+
 def parse_overrides(pairs: list[str], cls: type) -> dict:
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     out = {}
@@ -183,8 +195,12 @@ def main() -> None:
     p.add_argument("--exact", action="store_true", help="trust/continuity by sae_model.evaluation (float64, slow)")
     p.add_argument("--rows", type=int, default=0, help="smoke check: only the first ROWS training/test images")
     p.add_argument("--baselines", nargs="*", default=None, help="pca and/or umap: score them and stop")
+    p.add_argument("--table", action="store_true", help="print --out's results as a Markdown table and stop")
     p.add_argument("overrides", nargs="*", metavar="finetune.key=value")
     args = p.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in (args.out / "results.jsonl").read_text().splitlines() if line]))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
