@@ -86,3 +86,19 @@ def test_flat_and_hash_are_stable():
     assert load_config(None, ["train.seed=1"]).hash() != a.hash()
     flat = a.flat()
     assert flat["model.layers"] == Config().model.layers and "pretrain.method" in flat
+
+
+@pytest.mark.parametrize(("name", "code"), [("mnist_protocol", 2), ("mnist_protocol_30", 30)])
+def test_protocol_presets_train_on_the_training_split_and_score_the_published_way(name, code):
+    cfg = load_config(preset=name)
+    assert cfg.model.layers == [784, 1000, 500, 250, code] and cfg.pretrain.method == "rbm"
+    assert (cfg.train.split_column, cfg.train.train_value) == ("split", "train")
+    # Sainburg et al. 2021 / Hinton & Salakhutdinov 2006: 5-NN and trustworthiness at k=5 on 10,000
+    # items, every one of the 60,000 training images fitted (PCA too).
+    ev = cfg.evaluate
+    assert (ev.k_knn, ev.k_tw, ev.max_items, ev.max_fit_items) == (5, 5, 10000, 60000)
+    if code == 2:
+        assert (cfg.finetune.loss, cfg.finetune.neighbor_graph) == ("umap", "global")
+        assert cfg.train.distributed.num_processes == 1  # the global graph needs one process
+    else:
+        assert cfg.finetune.loss == "bce"  # Hinton's cross-entropy fine-tuning
