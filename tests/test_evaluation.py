@@ -25,6 +25,7 @@ from sae_model.evaluation import (
     trustworthiness,
     umap_codes,
 )
+from tests.linear_encoder import LinearEncoder
 
 
 def _col(values) -> np.ndarray:
@@ -280,19 +281,6 @@ def test_umap_baseline_gets_its_fit_time_and_its_own_table_column(monkeypatch):
     assert [line.split() for line in lines[2:]] == [["fit_seconds", "1.0000", "-"], ["trustworthiness", "-", "0.5000"]]
 
 
-class _LinearEncoder:
-    """The ``Encoder`` surface ``evaluate`` uses: a fixed projection and its transpose."""
-
-    def __init__(self, w: np.ndarray) -> None:
-        self.w, self.input_width, self.code_width = w, w.shape[0], w.shape[1]
-
-    def encode(self, x):
-        return np.asarray(x, np.float64) @ self.w
-
-    def reconstruct(self, x):
-        return self.encode(x) @ self.w.T
-
-
 def test_nightly_holdout_metrics_are_evaluate_map_s():
     """The nightly holdout score goes through ``evaluate``; before, it called ``evaluate_map``
     directly with k scaled to the holdout: the numbers are the same."""
@@ -300,7 +288,7 @@ def test_nightly_holdout_metrics_are_evaluate_map_s():
 
     x, labels = _clusters(20, 8, seed=9)
     x_train, x_hold, y_hold = x[::2], x[1::2], labels[1::2].astype(str).astype(object)
-    enc = _LinearEncoder(np.linalg.qr(np.random.default_rng(1).normal(size=(8, 2)))[0])
+    enc = LinearEncoder(np.linalg.qr(np.random.default_rng(1).normal(size=(8, 2)))[0])
     n = len(x_hold)
     before = evaluate_map(x_train, x_hold, enc.encode(x_hold), y_hold, enc.reconstruct(x_hold),
                           k_knn=min(5, n - 1), k_tw=max(1, min(12, (n - 1) // 2)))

@@ -25,6 +25,7 @@ from sae_model.evaluation import (
     knn_classifier_accuracy,
 )
 from sae_model.trainer import MlflowSettings, train
+from tests.linear_encoder import LinearEncoder
 from tests.train_data import manifold
 
 OFF = MlflowSettings("", enabled=False)
@@ -135,24 +136,11 @@ def test_knn_classifier_accuracy_is_a_majority_vote_of_training_neighbours():
         knn_classifier_accuracy([[0.0], [1.0]], [0, 1], [[0.4]], [0], k=3)
 
 
-class _LinearEncoder:
-    """The ``Encoder`` surface evaluation uses: a fixed projection and its transpose."""
-
-    def __init__(self, w: np.ndarray) -> None:
-        self.w, self.input_width, self.code_width = w, w.shape[0], w.shape[1]
-
-    def encode(self, x):
-        return np.asarray(x, np.float64) @ self.w
-
-    def reconstruct(self, x):
-        return self.encode(x) @ self.w.T
-
-
 def test_protocol_metrics_equal_scikit_learns_on_random_inputs():
     rng = np.random.default_rng(4)
     x_fit, x_test = rng.normal(size=(120, 8)), rng.normal(size=(60, 8))
     y_fit, y_test = rng.integers(0, 4, 120), rng.integers(0, 4, 60)
-    enc = _LinearEncoder(np.linalg.qr(rng.normal(size=(8, 2)))[0])
+    enc = LinearEncoder(np.linalg.qr(rng.normal(size=(8, 2)))[0])
     m = evaluate_protocol(enc, x_fit, x_test, y_fit, y_test, EvaluateConfig(k_knn=5, k_tw=5, max_items=1000),
                           fit_seconds=7.0).metrics
     assert (m["n_train"], m["n_test"], m["n_eval"], m["code_dim"]) == (120, 60, 60, 2)
@@ -182,7 +170,7 @@ def test_evaluation_with_the_key_scores_every_test_row(poisoned, tmp_path):
     ids = np.arange(300, dtype=np.int64) * 7 + 3
     split = np.where(np.arange(300) % 4 == 0, "test", "train")
     feats = write_split_table(tmp_path, ids, x, labels, split)
-    enc = _LinearEncoder(np.linalg.qr(np.random.default_rng(1).normal(size=(32, 2)))[0])
+    enc = LinearEncoder(np.linalg.qr(np.random.default_rng(1).normal(size=(32, 2)))[0])
     cfg = EvaluateConfig(k_knn=5, k_tw=5, max_items=50)
     res = evaluate_split(enc, feats, str(tmp_path / "items"), 0.1, cfg, tmp_path / "fig", split_column="split")
     m = res.metrics
