@@ -19,7 +19,6 @@ products per layer (forward, grad of input, grad of weight) at the same batch si
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import tempfile
@@ -33,6 +32,7 @@ import torch
 
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, inspect_table, load_table, to_uri
+from sae_model.idx import IMAGES_MAGIC, IdxError, read_idx
 from sae_model.trainer import (
     FunctionCallback,
     MlflowSettings,
@@ -46,22 +46,18 @@ from sae_model.trainer import (
 
 def read_mnist(folder: Path, rows: int) -> np.ndarray:
     """The first ``rows`` MNIST images of ``folder`` (training images, then test images) as float32 (rows,
-    784) in [0, 1]. Raises SystemExit (exit 2) when the folder holds fewer images.
-
-    A bare idx parser rather than ``pipelines.sources.mnist.parse_idx`` (the checked one, which the
-    ingest uses): that module imports pyspark, and the GPU machine this benchmark is run on has none.
-    """
+    784) in [0, 1], read by ``sae_model.idx`` (the ingest's parser, importable without pyspark). Exits 2
+    with one input-error line when the folder holds fewer images or a file is damaged."""
     parts = []
-    for prefix in ("train", "t10k"):
-        found = sorted(folder.glob(f"{prefix}-images-idx3-ubyte*"))
-        if not found:
-            continue
-        raw = found[0].read_bytes()
-        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-        if int.from_bytes(raw[:4], "big") != 0x803:
-            raise SystemExit(f"input error: {found[0]}: not an idx3 images file")
-        n, h, w = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
-        parts.append(np.frombuffer(raw, np.uint8, count=n * h * w, offset=16).reshape(n, h * w))
+    try:
+        for prefix in ("train", "t10k"):
+            found = sorted(folder.glob(f"{prefix}-images-idx3-ubyte*"))
+            if found:
+                images = read_idx(found[0], IMAGES_MAGIC, 3)
+                parts.append(images.reshape(len(images), -1))
+    except IdxError as exc:
+        print(f"input error: {exc}", flush=True)
+        raise SystemExit(2) from None
     x = np.concatenate(parts) if parts else np.zeros((0, 784), np.uint8)
     if len(x) < rows:
         print(f"input error: {folder}: {len(x)} MNIST images, {rows} asked for", flush=True)

@@ -117,7 +117,8 @@ def image_size(images: Path) -> int:
 def quick_subset(found: dict[str, tuple[Path, Path]], out: Path) -> bool:
     """Write the first ``QUICK_ROWS[split]`` images and labels of each split as idx files under ``out``
     (same names, uncompressed); False (nothing written) when every split is already that small."""
-    from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, write_idx
+    from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx
+    from sae_model.idx import write_idx
 
     # Every file parsed (raising InputError for a damaged one) before anything is written.
     parts = {split: (parse_idx(img, IMAGES_MAGIC, 3), parse_idx(lab, LABELS_MAGIC, 1)) for split, (img, lab) in found.items()}

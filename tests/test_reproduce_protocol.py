@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx, write_idx
+from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx
+from sae_model.idx import write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 300, 100

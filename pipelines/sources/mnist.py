@@ -7,7 +7,6 @@ Item ids run over the splits in order (train, then test), so they stay unique wh
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import re
@@ -20,11 +19,11 @@ from pyspark.sql import SparkSession
 from pipelines.publish import is_local, local_path
 from pipelines.sources import InputError, SourceResult, register
 from pipelines.sources.csvfiles import open_input, pick_one
+from sae_model import idx
 
 log = logging.getLogger(__name__)
 
-IMAGES_MAGIC = 0x00000803
-LABELS_MAGIC = 0x00000801
+IMAGES_MAGIC, LABELS_MAGIC = idx.IMAGES_MAGIC, idx.LABELS_MAGIC
 _IMAGES = re.compile(r"^(?P<prefix>.+)-images[-.]idx3-ubyte(\.gz)?$")
 SPLIT_ORDER = {"train": 0, "t10k": 1, "test": 1}
 BAD_LABEL = "label out of range 0-9"
@@ -69,33 +68,12 @@ def _bytes(path: Path) -> bytes:
 
 
 def parse_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
-    """uint8 array of shape (n, *dims); InputError naming the file when the header or size is wrong."""
-    data = _bytes(path)
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise InputError(f"{path}: {len(data)} bytes, too short for an idx header")
-    got = int.from_bytes(data[:4], "big")
-    if got != magic:
-        raise InputError(f"{path}: magic number 0x{got:08x}, expected 0x{magic:08x}")
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
-    if len(data) != expected:
-        raise InputError(f"{path}: {len(data)} bytes, expected {expected} for dimensions {dims} (truncated?)")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def write_idx(path: Path, array: np.ndarray) -> Path:
-    """Write ``array`` (uint8; images ``(n, height, width)`` or labels ``(n,)``) as an idx file that
-    :func:`parse_idx` reads back: magic ``0x0800 + ndim`` (0x803 images, 0x801 labels, per LeCun's
-    format description), big-endian dimensions, the bytes; gzipped when ``path`` ends in ``.gz``.
-    Returns ``path``. Raises ValueError for another dtype."""
-    if array.dtype != np.uint8:
-        raise ValueError(f"{path}: idx files written here hold uint8, got {array.dtype}")
-    data = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data += np.ascontiguousarray(array).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data, compresslevel=1) if path.name.endswith(".gz") else data)
-    return path
+    """uint8 array of shape (n, *dims) of the idx file at ``path`` (``sae_model.idx``, the one parser of the
+    format; gzip by name through ``open_input``); InputError naming the file when the header or size is wrong."""
+    try:
+        return idx.parse_idx(_bytes(path), path, magic, ndim)
+    except idx.IdxError as exc:
+        raise InputError(str(exc)) from None
 
 
 def load(input_path: str, limit: int = 0) -> tuple[list[dict], list[str]]:
