@@ -219,6 +219,9 @@ class FinetuneConfig:
     # Learning rate over the fine-tuning epochs: constant, or decayed per epoch from lr towards 0
     # (linear, as UMAP's optimiser; or cosine). Set from the epoch number, so a resume continues it.
     lr_decay: Literal["none", "linear", "cosine"] = "none"
+    # Epochs at the full lr before the decay starts (a constant-then-decay schedule: the map forms at
+    # the full rate, the decay then settles it); 0 = decay from the first epoch.
+    lr_decay_after: NonNegative = 0
     # As pretrain.loss_reduction, for the mse/bce reconstruction with SGD (not the neighbour losses).
     loss_reduction: Literal["mean", "sum"] = "mean"
     loss: Literal["mse", "bce", NeighbourLoss] = "mse"
@@ -248,6 +251,8 @@ class FinetuneConfig:
     def _cross_field(self) -> FinetuneConfig:
         if self.loss_reduction == "sum" and self.is_neighbor_loss:
             raise FieldError("loss_reduction", f"sum is only for the reconstruction losses (mse, bce), not {self.loss}")
+        if self.lr_decay_after and self.lr_decay_after >= self.epochs:
+            raise FieldError("lr_decay_after", f"must be < finetune.epochs = {self.epochs}, got {self.lr_decay_after}")
         if self.min_dist >= 3 * self.spread:
             raise FieldError("min_dist", f"must be < 3 * finetune.spread = {3 * self.spread}, got {self.min_dist}")
         return self

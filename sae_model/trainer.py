@@ -358,7 +358,8 @@ class Trainer:
         """finetune.lr_decay: this epoch's rate, a function of the epoch alone (resume-safe)."""
         if stage.kind != "finetune" or self.fine.lr_decay == "none":
             return
-        t = epoch / stage.epochs
+        after = self.fine.lr_decay_after
+        t = max(0, epoch - after) / (stage.epochs - after)
         factor = 1.0 - t if self.fine.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
         for group in self.optimizer.param_groups:
             group["lr"] = self.fine.lr * factor

@@ -71,6 +71,7 @@ RANGE_CHECKS = [
     ("finetune.spread=0", "finetune.spread", "finetune.spread=0.1"),
     ("finetune.min_dist=-0.1", "finetune.min_dist", "finetune.min_dist=0"),
     ("finetune.min_dist=3.0", "finetune.min_dist", "finetune.min_dist=2.99"),
+    ("finetune.epochs=5 finetune.lr_decay_after=5", "finetune.lr_decay_after", "finetune.epochs=5 finetune.lr_decay_after=4"),
     ("finetune.negative_sample_rate=-1", "finetune.negative_sample_rate", "finetune.negative_sample_rate=0"),
     ("finetune.loss=tsne finetune.loss_reduction=sum", "finetune.loss_reduction", "finetune.loss=mse finetune.loss_reduction=sum"),
     ("train.distributed.num_processes=0", "train.distributed.num_processes", "train.distributed.num_processes=1"),

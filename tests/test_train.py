@@ -415,14 +415,16 @@ def test_no_validation_rows_is_not_a_divergence(data_root, tmp_path, caplog):
     assert epochs and all("no validation rows" in e and "nan" not in e for e in epochs)
 
 
-@pytest.mark.parametrize(("decay", "factors"), [("none", [1, 1, 1, 1]), ("linear", [1, 0.75, 0.5, 0.25]),
-                                                ("cosine", [1, 0.8535534, 0.5, 0.1464466])])
-def test_finetune_lr_decays_by_epoch(data_root, tmp_path, decay, factors):
+@pytest.mark.parametrize(("decay", "after", "factors"), [
+    ("none", 0, [1, 1, 1, 1]), ("linear", 0, [1, 0.75, 0.5, 0.25]), ("cosine", 0, [1, 0.8535534, 0.5, 0.1464466]),
+    ("linear", 2, [1, 1, 1, 0.5]),  # two epochs at the full rate, then the decay over the last two
+])
+def test_finetune_lr_decays_by_epoch(data_root, tmp_path, decay, after, factors):
     from sae_model.trainer import FunctionCallback
 
     seen: list[tuple[str, float]] = []
     record = FunctionCallback(lambda t, stage, rec: seen.append((stage.kind, t.optimizer.param_groups[0]["lr"])))
-    fine = FinetuneConfig(epochs=4, lr=0.2, batch_size=20, lr_decay=decay)
+    fine = FinetuneConfig(epochs=4, lr=0.2, batch_size=20, lr_decay=decay, lr_decay_after=after)
     train(ModelConfig(layers=[32, 16, 2]), PretrainConfig(method="autoencoder", epochs=2, lr=3.0, batch_size=20), fine,
           TrainConfig(seed=1, progress=False), feats(data_root), None, OFF, tmp_path / "ck", callbacks=[record])
     assert [lr for kind, lr in seen if kind == "pretrain"] == [3.0] * 4  # pretraining is never decayed
