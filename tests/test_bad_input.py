@@ -230,6 +230,7 @@ def test_log_tag_with_a_line_break_and_quotes_is_read_whole(spark, tmp_path):
 # ---------------------------------------------------------------- kind 8: late events in incremental logs
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_late_events_appended_to_a_flat_log_are_loaded_once(spark, tmp_path, caplog):
     # The tags-late-events case: three valid events appended with timestamps at or before the newest loaded.
     d = tmp_path / "in"
@@ -259,6 +260,7 @@ def test_late_events_appended_to_a_flat_log_are_loaded_once(spark, tmp_path, cap
     assert {r["item_id"]: r["features"] for r in table(tmp_path / "out", "features")} == got
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_late_ratings_and_a_late_file_in_a_loaded_partition_are_loaded(spark, tmp_path):
     d = tmp_path / "in"
     day = d / "ratings" / "date=2024-01-02"

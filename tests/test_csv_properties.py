@@ -9,6 +9,7 @@ from __future__ import annotations
 import unicodedata
 
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,6 +116,7 @@ def fold(tag: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", tag).lower().split())
 
 
+@pytest.mark.slow  # an ingest per generated example, in sequence
 @SETTINGS
 @given(tags_input())
 def test_tag_log_round_trips_and_counts_reconcile(spark, tmp_path_factory, case):

@@ -53,6 +53,7 @@ def counts(m: dict) -> tuple[int, int, int]:
     return m["rows_in"], m["rows_used"], m["rows_quarantined"]
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_counts_contract_and_late_events(spark, tmp_path):
     path = write_log(tmp_path / "events.csv", LOG)
     cfg = cfg_for(tmp_path, path)

@@ -139,6 +139,7 @@ def test_ratings_reasons_scale_and_duplicates(spark, tmp_path):
     )
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_tags_two_days_incremental_then_reload_changes_nothing(spark, tmp_path):
     write(tmp_path / "in" / "movies.csv", MOVIES)
     write(tmp_path / "in" / "tags" / "date=2024-01-02" / "part-0.csv", tags_day1())
@@ -182,6 +183,7 @@ def test_tags_two_days_incremental_then_reload_changes_nothing(spark, tmp_path):
     assert (m3["rows_in"], m3["loads"]) == (0, [])
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_tags_flat_file_with_since_reads_new_events_and_weightings(spark, tmp_path):
     day1 = tags_day1()
     write(tmp_path / "in" / "tags.csv", day1)  # no movies.csv: ids are not checked, items have no titles

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.config import load_config
 from pipelines.ingest import check_inputs, run_ingest
@@ -31,6 +32,7 @@ def counts(m):
     return m["rows_in"], m["rows_used"], m["rows_quarantined"]
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_ratings_preset_late_and_resent_events_then_per_user(spark, tmp_path):
     d = tmp_path / "in"
     write(d / "movies.csv", MOVIES)
@@ -100,7 +102,6 @@ def test_tags_preset_file_and_source_name_publish_the_same(spark, tmp_path):
 def test_events_keys_under_a_movielens_source_name_are_refused_not_dropped(tmp_path, capsys):
     # data.source=movielens_tags runs the preset with data.logs.* mapped: a data.events.* key was dropped
     # without a word (top_k=3 built 1,128 columns). One config line, exit 2, before Spark.
-    import pytest
 
     from jobs import ingest as ingest_job
     from jobs.common import guarded
@@ -121,7 +122,6 @@ def test_events_keys_under_a_movielens_source_name_are_refused_not_dropped(tmp_p
 
 def test_logs_keys_under_the_events_presets_are_refused_not_dropped(tmp_path):
     # --preset movielens_tags is data.source=events: data.logs.vocab_size=3 was never read (1,128 columns).
-    import pytest
 
     from pipelines.config import ConfigError
     from pipelines.sources.events import settings

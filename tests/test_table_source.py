@@ -100,6 +100,7 @@ def test_array_parquet_and_wide_orc_and_catalog(spark, tmp_path):
     assert features(tmp_path / "out") == {7: [2.0], 8: [4.0]} and m["feature_names"] == ["y"]
 
 
+@pytest.mark.slow  # three or more ingests of a growing input in sequence
 def test_partitions_load_incrementally(spark, tmp_path):
     base = tmp_path / "events"
 
