@@ -140,10 +140,35 @@ class Scorer:
 
 
 class _NoCheckpoint(Trainer):
-    """Experiments are not resumed: skip the per-epoch checkpoint (tens of MB a step here)."""
+    """Experiments are not resumed: skip the per-epoch checkpoint (tens of MB a step here). The global
+    neighbour graph is cached under ``graph_cache`` (its build is the exact kNN of all training rows,
+    minutes at 60,000), keyed by the settings that shape it."""
+
+    graph_cache: Path | None = None
 
     def save(self, stage, epoch, finished=False) -> None:  # noqa: ANN001
         pass
+
+    def _graph(self):  # noqa: ANN202
+        if self.graph is not None or not self.fine.uses_global_graph or self.graph_cache is None:
+            return super()._graph()
+        f = self.fine
+        key = hashlib.sha1(repr((f.loss, f.n_neighbors, f.perplexity, self.source.n_train)).encode()).hexdigest()[:10]
+        path = self.graph_cache / f"graph-{key}.pt"
+        if path.exists():
+            from sae_model.neighbor_graph import NeighbourGraph
+
+            g = NeighbourGraph.__new__(NeighbourGraph)
+            joint = torch.load(path)
+            g.n, g.device, g.joint, g.n_edges = self.source.n_train, self.device, joint, joint.values().numel()
+            g._head, g._tail = joint.indices()
+            g._cum = torch.cumsum(joint.values().to(torch.float64), dim=0)
+            self.graph = g
+            log.info("neighbour graph from %s (%d edges)", path, g.n_edges)
+            return g
+        g = super()._graph()
+        torch.save(g.joint, path)
+        return g
 
 
 class _EvalAt(Callback):
@@ -192,6 +217,8 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--eval-at", default="", help="fine-tuning epochs after which to score (the last always is)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start fine-tuning from this state dict (a model-TAG-EPOCH.pt of --out), not from pretraining")
     p.add_argument("--exact", action="store_true", help="trust/continuity by sae_model.evaluation (float64, slow)")
     p.add_argument("--rows", type=int, default=0, help="smoke check: only the first ROWS training/test images")
     p.add_argument("--baselines", nargs="*", default=None, help="pca and/or umap: score them and stop")
@@ -256,12 +283,18 @@ def main() -> None:
         pre_seconds = time.perf_counter() - t0
         torch.save(model.state_dict(), cache)
         cache.with_suffix(".json").write_text(json.dumps({"seconds": pre_seconds, "pre": repr(pre)}))
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init))
+        settings_init = str(args.init)
+        log.info("fine-tuning starts from %s", args.init)
+    else:
+        settings_init = None
     fine = FinetuneConfig(**parse_overrides(args.overrides, FinetuneConfig))
     at = {int(e) for e in args.eval_at.split(",") if e} | {fine.epochs}
     t_start = time.perf_counter()
     scoring = [0.0]
     settings = {"tag": args.tag, "code": args.code, "pre": f"{args.pretrain} {args.pre_epochs} wd {args.pre_weight_decay}",
-                "overrides": args.overrides, "val_fraction": args.val_fraction, "threads": torch.get_num_threads()}
+                "overrides": args.overrides, "init": settings_init, "val_fraction": args.val_fraction, "threads": torch.get_num_threads()}
 
     def evaluate(tr: Trainer, epoch: int) -> None:
         t0 = time.perf_counter()
@@ -274,6 +307,7 @@ def main() -> None:
 
     tr = _NoCheckpoint(model, PretrainConfig(method="none"), fine, tc, source, device, args.out / "ck",
                        callbacks=[_EvalAt(at, evaluate)])
+    tr.graph_cache = args.out
     tr.fit()
 
 
