@@ -80,6 +80,19 @@ def test_wide_table_partitioned_read(spark, pg, creds, tmp_path, caplog, capfd):
     assert "jdbc" in manifest and manifest["jdbc"]["url"] == pg.url
 
 
+def test_limit_keeps_the_smallest_valid_ids_as_the_other_sources_do(spark, pg, creds, tmp_path):
+    # data.limit=3 of the wide table: ids 1-3 published, 4..N quarantined as beyond the limit; id 61's
+    # two bad rows keep their own reasons and take no place. The counts still reconcile.
+    m = run_ingest(spark, cfg_for(tmp_path, pg.url, "data.jdbc.table=wide", "data.jdbc.metadata_columns=[title]",
+                                  "data.limit=3"))
+    root = tmp_path / "out"
+    assert sorted(features(root)) == [1, 2, 3]
+    reasons = [r["reason"] for r in pq.read_table(str((root / "quarantine").resolve())).to_pylist()]
+    assert sorted(set(reasons)) == ["beyond data.limit", "duplicate id", "null or non-numeric value in a"]
+    assert reasons.count("beyond data.limit") == N - 3
+    assert (m["rows_in"], m["rows_used"], m["rows_quarantined"]) == (N + 2, 3, N - 1)
+
+
 def test_long_shape_from_a_query_with_secrets_file(spark, pg, tmp_path, monkeypatch):
     monkeypatch.delenv("SAE_JDBC_USER", raising=False)
     secrets = tmp_path / "secrets.json"

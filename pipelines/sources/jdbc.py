@@ -176,7 +176,8 @@ def cause(exc: Exception, secret: str | None) -> str:
 
 def read(spark: SparkSession, cfg) -> SourceResult:
     """Read the table or query over JDBC and shape it (wide, long or array; ``pipelines.sources.shaping``)
-    into features item_id long, features array<float>, items and quarantine. Raises ``InputError`` when the
+    into features item_id long, features array<float>, items and quarantine; ``data.limit`` > 0 keeps the
+    vectors of that many smallest valid ids and quarantines the other rows as beyond it. Raises ``InputError`` when the
     database is unreachable, the query fails, or a named column is missing or not an array."""
     jc = cfg.data.jdbc
     table = load_table(spark, jc)
@@ -188,6 +189,7 @@ def read(spark: SparkSession, cfg) -> SourceResult:
         origin=_origin(jc),
         what=f"{what(jc)} from {safe_url(jc.url)}",
         extra={"jdbc": {"url": safe_url(jc.url), "source": what(jc), "shape": jc.shape}},
+        limit=cfg.data.limit,
     )
 
 
