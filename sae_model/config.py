@@ -252,7 +252,8 @@ class FinetuneConfig:
         if self.loss_reduction == "sum" and self.is_neighbor_loss:
             raise FieldError("loss_reduction", f"sum is only for the reconstruction losses (mse, bce), not {self.loss}")
         if self.lr_decay_after and self.lr_decay_after >= self.epochs:
-            raise FieldError("lr_decay_after", f"must be < finetune.epochs = {self.epochs}, got {self.lr_decay_after}")
+            raise FieldError("lr_decay_after", f"must be < finetune.epochs = {self.epochs}, got {self.lr_decay_after} "
+                             "(shortening a preset's epochs? set it too, or to 0 to decay from the first epoch)")
         if self.min_dist >= 3 * self.spread:
             raise FieldError("min_dist", f"must be < 3 * finetune.spread = {3 * self.spread}, got {self.min_dist}")
         return self
