@@ -28,7 +28,7 @@ test: setup
 # scenarios of three or more ingests in sequence): feedback in about three minutes while developing.
 # Every source keeps its single-ingest tests here. CI runs `make test`, slow ones included.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	SAE_TESTS_C1=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
