@@ -90,11 +90,14 @@ def spark(tmp_path_factory):
     session.stop()
 
 
-def _load_script(name: str) -> ModuleType:
-    """Import ``scripts/NAME.py`` (plain scripts, not a package) without touching sys.path."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+def load_file(relpath: str) -> ModuleType:
+    """Import the repository's ``relpath`` (``scripts/X.py``, ``benchmarks/X.py``: plain scripts, not a
+    package) as a fresh module named after the file, without touching sys.path; each call runs it anew,
+    so a test's monkeypatching stays in its own copy."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
+    sys.modules[path.stem] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
@@ -107,6 +110,6 @@ def spark_cluster(tmp_path_factory):
     picked free at start; the daemons' process groups (executors included) are killed at teardown,
     also when a test fails, and by the kernel if pytest itself dies (PR_SET_PDEATHSIG).
     """
-    cluster_mod = _load_script("standalone_cluster")
+    cluster_mod = load_file("scripts/standalone_cluster.py")
     with cluster_mod.StandaloneCluster(tmp_path_factory.mktemp("standalone-cluster")) as cluster:
         yield cluster.master_url

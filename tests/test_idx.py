@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from sae_model.idx import IMAGES_MAGIC, LABELS_MAGIC, IdxError, read_idx, write_idx
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_file
 
 
 @pytest.mark.parametrize("name", ["x-images-idx3-ubyte", "x-images-idx3-ubyte.gz"])
@@ -40,13 +39,6 @@ def test_truncated_wrong_magic_and_damaged_gzip_name_the_file(tmp_path):
         read_idx(bad, IMAGES_MAGIC, 3)
 
 
-def _bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_train_reads_the_shipped_images_without_pyspark():
     # The GPU image has no pyspark: bench_train must import and read idx files without it.
     code = ("import sys; sys.modules['pyspark'] = None\n"
@@ -62,10 +54,10 @@ def test_bench_train_reads_the_shipped_images_without_pyspark():
 def test_bench_train_damaged_file_is_one_input_error_line(tmp_path, capsys):
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28), np.uint8))
     with pytest.raises(SystemExit) as exit_:
-        _bench_train().read_mnist(tmp_path, 5)
+        load_file("benchmarks/bench_train.py").read_mnist(tmp_path, 5)
     assert exit_.value.code == 2 and capsys.readouterr().out == f"input error: {tmp_path}: 4 MNIST images, 5 asked for\n"
     (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 12)
     with pytest.raises(SystemExit) as exit_:
-        _bench_train().read_mnist(tmp_path, 1)
+        load_file("benchmarks/bench_train.py").read_mnist(tmp_path, 1)
     assert exit_.value.code == 2
     assert capsys.readouterr().out.startswith(f"input error: {tmp_path}/train-images-idx3-ubyte: magic number 0x00000801")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,8 +14,8 @@ import pytest
 
 from pipelines.sources.mnist import IMAGES_MAGIC, LABELS_MAGIC, parse_idx
 from sae_model.idx import write_idx
+from tests.conftest import ROOT, load_file
 
-ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST = 300, 100
 
 
@@ -39,9 +38,7 @@ def test_write_idx_reads_back(tmp_path):
 
 
 def test_a_folder_without_both_splits_is_an_input_error(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("reproduce_protocol", ROOT / "benchmarks/reproduce_protocol.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_file("benchmarks/reproduce_protocol.py")
     data = tmp_path / "only-test"
     write_idx(data / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
     write_idx(data / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
@@ -91,9 +88,7 @@ def test_quick_protocol_on_a_tiny_idx_folder(tmp_path):
 
 def test_a_config_error_writes_nothing_under_root(tmp_path, capsys, monkeypatch):
     # --quick copied its subset to <root>/quick-data before the overrides were checked, so a typo left files.
-    spec = importlib.util.spec_from_file_location("reproduce_protocol", ROOT / "benchmarks/reproduce_protocol.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_file("benchmarks/reproduce_protocol.py")
     monkeypatch.setattr(script, "QUICK_ROWS", {"train": 4, "test": 2})  # so this folder needs a subset
     data = tmp_path / "idx"
     for prefix, n in (("train", 8), ("t10k", 4)):
@@ -106,9 +101,7 @@ def test_a_config_error_writes_nothing_under_root(tmp_path, capsys, monkeypatch)
 
 def test_quick_on_a_damaged_idx_file_is_one_input_error(tmp_path, capsys):
     # --quick parsed the files for its subset outside any handler: a cut-short .gz gave a traceback, exit 1.
-    spec = importlib.util.spec_from_file_location("reproduce_protocol", ROOT / "benchmarks/reproduce_protocol.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_file("benchmarks/reproduce_protocol.py")
     data = tmp_path / "idx"
     for prefix, n in (("train", 8), ("t10k", 4)):
         write_idx(data / f"{prefix}-images-idx3-ubyte.gz", (np.arange(n * 784) % 251).astype(np.uint8).reshape(n, 28, 28))
