@@ -158,12 +158,7 @@ class _NoCheckpoint(Trainer):
         if path.exists():
             from sae_model.neighbor_graph import NeighbourGraph
 
-            g = NeighbourGraph.__new__(NeighbourGraph)
-            joint = torch.load(path)
-            g.n, g.device, g.joint, g.n_edges = self.source.n_train, self.device, joint, joint.values().numel()
-            g._head, g._tail = joint.indices()
-            g._cum = torch.cumsum(joint.values().to(torch.float64), dim=0)
-            self.graph = g
+            g = self.graph = NeighbourGraph.from_joint(torch.load(path), self.device)
             log.info("neighbour graph from %s (%d edges)", path, g.n_edges)
             return g
         g = super()._graph()

@@ -89,6 +89,18 @@ class NeighbourGraph:
             joint = ((a + at) * 0.5).coalesce()  # edges are drawn in proportion: no 1/n needed
         else:
             joint = (a + at - a * at).coalesce()  # fuzzy union
+        self._set_joint(joint)
+
+    @classmethod
+    def from_joint(cls, joint: torch.Tensor, device: torch.device) -> NeighbourGraph:
+        """The graph of an already built ``joint`` (a coalesced sparse (n, n) affinity matrix, as
+        ``self.joint`` of an earlier graph, e.g. saved with ``torch.save``), without the kNN search."""
+        graph = cls.__new__(cls)
+        graph.n, graph.device = joint.shape[0], device
+        graph._set_joint(joint)
+        return graph
+
+    def _set_joint(self, joint: torch.Tensor) -> None:
         self.joint = joint
         self.n_edges = joint.values().numel()
         # Cumulative weights on the CPU: edges are drawn by a binary search, for any number of edges.

@@ -77,6 +77,15 @@ def test_edges_are_drawn_in_proportion_to_their_affinity_and_seeded():
     assert len(list(g.batches(25, seed=0))) == math.ceil(60 / 25)  # an epoch: n / batch_size steps
 
 
+def test_a_saved_graph_draws_the_same_batches(tmp_path):
+    g = NeighbourGraph(_points(60, 4, seed=2), "umap", SimpleNamespace(n_neighbors=6))
+    torch.save(g.joint, tmp_path / "graph.pt")
+    h = NeighbourGraph.from_joint(torch.load(tmp_path / "graph.pt"), torch.device("cpu"))
+    assert (h.n, h.n_edges) == (60, g.n_edges)
+    for a, b in zip(g.batches(50, seed=3), h.batches(50, seed=3), strict=True):
+        assert torch.equal(a.head, b.head) and torch.equal(a.tail, b.tail) and torch.equal(a.uniform, b.uniform)
+
+
 def test_global_graph_refuses_streamed_training(tmp_path):
     import numpy as np
 
