@@ -24,11 +24,13 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # Everything but the tests marked slow (spark-submit, a standalone cluster, groups of training
-# processes, the simulated nights, the real Tag Genome slice end to end, and the incremental-load
-# scenarios of three or more ingests in sequence): feedback in about three minutes while developing.
-# Every source keeps its single-ingest tests here. CI runs `make test`, slow ones included.
+# processes, the simulated nights, real corpora end to end, scenarios of two or more Spark jobs in
+# sequence, and the further variants of a parametrised ingest), with the test JVM set up for tiny
+# queries (tests/conftest.py, SAE_TESTS_FAST): feedback in under three minutes while developing.
+# Every source keeps its single-ingest tests here. CI runs `make test`, slow ones included, with
+# Spark's defaults.
 test-fast: setup
-	SAE_TESTS_C1=1 $(BIN)/python -m pytest -q -m "not slow"
+	SAE_TESTS_FAST=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
