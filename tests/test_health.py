@@ -54,10 +54,11 @@ def test_pretraining_that_explodes_stops_naming_the_layer_and_pretrain_lr(tmp_pa
     assert "finetune.lr" not in str(exc.value)
 
 
-def test_a_saturated_model_is_not_registered_and_infer_refuses_it(spark, tmp_path, capsys):
-    from jobs import cli
-
-    root = tmp_path / "root"
+@pytest.fixture(scope="module")
+def saturated(tmp_path_factory):
+    """A root whose only model saturated in training: (root, training result, tracking URI)."""
+    tmp = tmp_path_factory.mktemp("saturated")
+    root = tmp / "root"
     x, labels = manifold(300, 32, seed=3)
     write_features(root, x, labels)
     db = f"sqlite:///{root}/mlflow.db"
@@ -67,8 +68,15 @@ def test_a_saturated_model_is_not_registered_and_infer_refuses_it(spark, tmp_pat
         PretrainConfig(method="none"),
         FinetuneConfig(epochs=3, lr=1e10, momentum=0.0, batch_size=20),
         TrainConfig(seed=1, progress=False),
-        "file://" + str(root / "features"), None, MlflowSettings(db, "sae", "sae"), tmp_path / "ck",
+        "file://" + str(root / "features"), None, MlflowSettings(db, "sae", "sae"), tmp / "ck",
     )
+    return root, result, db
+
+
+def test_a_saturated_model_is_not_registered_and_infer_refuses_it(saturated, capsys):
+    from jobs import cli
+
+    root, result, db = saturated
     assert result.health == "unhealthy" and result.model_version is None
     assert any("shared_code 1 " in f for f in result.health_findings)
     mlflow.set_tracking_uri(db)
@@ -83,6 +91,12 @@ def test_a_saturated_model_is_not_registered_and_infer_refuses_it(spark, tmp_pat
     err = capsys.readouterr().err
     assert "marked unhealthy" in err and "--force" in err
     assert not (root / "codes").exists() and not (root / "neighbors").exists()
-    # Forced: published, with a warning.
-    assert cli.main([*argv, "--force"]) == 0
+
+
+@pytest.mark.slow  # a whole inference run
+def test_a_saturated_model_is_published_when_forced(spark, saturated):
+    from jobs import cli
+
+    root, _, _ = saturated
+    assert cli.main(["infer", f"paths.root={root}", "--config", "conf/local.yaml", "infer.k=3", "--force"]) == 0
     assert (root / "codes").exists()

@@ -61,7 +61,9 @@ def ingest_ok(spark, cfg):
 
 @pytest.mark.parametrize(
     "dash,quoted,movie_file",
-    [(True, False, "movies.csv"), (False, True, "movies.csv"), (True, True, "movie.csv")],
+    # make test-fast keeps one format; the other two are ingests of the same kind.
+    [pytest.param(True, False, "movies.csv", marks=pytest.mark.slow), (False, True, "movies.csv"),
+     pytest.param(True, True, "movie.csv", marks=pytest.mark.slow)],
     ids=["dash-unquoted", "underscore-quoted", "movie.csv"],
 )
 def test_tag_genome_formats_give_the_same_tables(spark, tmp_path, dash, quoted, movie_file):
@@ -126,6 +128,7 @@ def test_bad_inputs_fail_before_any_output_is_touched(tmp_path, breakage, messag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # three ingests in sequence (test_publish.py checks the same transaction without Spark jobs)
 def test_a_failed_run_leaves_the_previous_outputs_and_a_rerun_replaces(spark, tmp_path, monkeypatch):
     src = write_genome(tmp_path / "in")
     cfg = cfg_for(src, tmp_path / "out")

@@ -227,21 +227,23 @@ def test_tfidf_and_relevance_weightings(spark, tmp_path):
     assert tfidf[1] == pytest.approx([0.0, idf_a]) and tfidf[3] == pytest.approx([idf_zz, 0.0])
 
 
-def test_ratings_item_and_user_vectors_are_mean_centred(spark, tmp_path):
+RATINGS = (
+    "userId,movieId,rating,timestamp\n"
+    f"1,1,5.0,{DAY1}\n"
+    f"1,11,3.0,{DAY1}\n"  # user 1 mean 4.0
+    f"2,1,4.0,{DAY1}\n"
+    f"2,260,2.0,{DAY1}\n"  # user 2 mean 3.0
+    f"2,260,7.0,{DAY1 + 1}\n"  # out of scale
+    f"3,1,4.5,{DAY1}\n"  # user 3 has one rating: centred to 0
+    f"3,1,4.5,{DAY1}\n"  # duplicate
+)
+
+
+def ingest_ratings(spark, tmp_path: Path) -> None:
+    """The first ratings ingest of ``RATINGS`` (movies as entities, the 2 most active users as columns)."""
     write(tmp_path / "in" / "movies.csv", MOVIES)
-    write(
-        tmp_path / "in" / "ratings.csv",
-        "userId,movieId,rating,timestamp\n"
-        f"1,1,5.0,{DAY1}\n"
-        f"1,11,3.0,{DAY1}\n"  # user 1 mean 4.0
-        f"2,1,4.0,{DAY1}\n"
-        f"2,260,2.0,{DAY1}\n"  # user 2 mean 3.0
-        f"2,260,7.0,{DAY1 + 1}\n"  # out of scale
-        f"3,1,4.5,{DAY1}\n"  # user 3 has one rating: centred to 0
-        f"3,1,4.5,{DAY1}\n",  # duplicate
-    )
-    cfg = cfg_for(tmp_path, "movielens_ratings", "data.ratings.width=2")
-    m = run_ingest(spark, cfg)
+    write(tmp_path / "in" / "ratings.csv", RATINGS)
+    m = run_ingest(spark, cfg_for(tmp_path, "movielens_ratings", "data.ratings.width=2"))
     feats, manifest, quarantine = read_tables(spark, tmp_path / "out")
     # Users by ratings count desc, then id: user 1 (2), user 2 (2).
     assert manifest["feature_names"] == ["user_1", "user_2"]
@@ -250,6 +252,14 @@ def test_ratings_item_and_user_vectors_are_mean_centred(spark, tmp_path):
     assert (m["rows_in"], m["rows_used"], m["rows_quarantined"]) == (7, 5, 2)
     assert sorted(r for r, _ in quarantine) == sorted([BAD_RATING, DUPLICATE])
 
+
+def test_ratings_item_vectors_are_mean_centred(spark, tmp_path):
+    ingest_ratings(spark, tmp_path)
+
+
+@pytest.mark.slow  # two ingests in sequence
+def test_ratings_user_vectors_come_from_the_state_of_an_earlier_load(spark, tmp_path):
+    ingest_ratings(spark, tmp_path)
     m = run_ingest(spark, cfg_for(tmp_path, "movielens_ratings", "data.ratings.entity=user", "data.ratings.columns=hash",
                                   "data.ratings.width=8"))
     feats, manifest, _ = read_tables(spark, tmp_path / "out")

@@ -81,6 +81,7 @@ def test_ratings_preset_late_and_resent_events_then_per_user(spark, tmp_path):
     assert sorted(r["item_id"] for r in items) == [1, 2, 3, 5]
 
 
+@pytest.mark.slow  # two ingests compared
 def test_tags_preset_file_and_source_name_publish_the_same(spark, tmp_path):
     write(tmp_path / "in" / "movies.csv", MOVIES)
     write(tmp_path / "in" / "tags.csv", tags_day1())

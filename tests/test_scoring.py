@@ -98,6 +98,7 @@ def test_parquet_route_rejects_wrong_width(spark, logged, tmp_path):
         ).collect()
 
 
+@pytest.mark.slow  # two inference runs compared
 def test_rerunning_inference_with_the_same_model_reproduces_the_tables(spark, logged, tmp_path):
     import shutil
 

@@ -121,6 +121,7 @@ def test_log1p_weighting(spark, tmp_path):
     assert by_doc(tmp_path / "out")["train/space/3"] == pytest.approx([math.log(5), math.log(2), math.log(3)], rel=1e-6)
 
 
+@pytest.mark.slow  # a variant of test_log1p_weighting's ingest
 def test_log1p_weighting_normalised_to_unit_length(spark, tmp_path):
     extra = ["data.text.weighting=log1p", "data.text.normalize=l2"]
     manifest = run_ingest(spark, cfg_for(tmp_path, write_corpus(tmp_path / "corpus"), *STRIP, *extra))
@@ -174,6 +175,7 @@ def test_check_names_the_input(tmp_path):
         check_inputs(cfg_for(tmp_path, tmp_path / "flat", "data.text.layout=folders"))
 
 
+@pytest.mark.slow  # real data end to end, like the Tag Genome slice
 @pytest.mark.skipif(not NEWS20.is_file(), reason="the shipped 20 Newsgroups archive is not on this machine")
 def test_real_news_posts_end_to_end(spark, tmp_path):
     docs = folder_docs(str(NEWS20), "utf-8")
