@@ -23,6 +23,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -51,15 +52,21 @@ def load(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, items["label"].to_numpy().astype(str), (items["split"] == TRAIN).to_numpy()
 
 
-def ae_method(uri: str, root: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Codes of all posts from the trained model at ``uri`` (it saw only the training posts)."""
+def ae_method(uri: str, root: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], float | None]:
+    """Codes of all posts from the trained model at ``uri`` (it saw only the training posts), and its
+    training's seconds as ``sae train`` logged them (``ae_fit_seconds`` of its run; None for a saved-model
+    directory or a run without it)."""
     import mlflow
 
     from sae_model.loading import load_encoder
 
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     encoder = load_encoder(uri)
-    return lambda x, train: encoder.encode(x.astype(np.float32)).astype(np.float64)
+    seconds = None
+    if not Path(uri).is_dir():
+        run_id = mlflow.models.get_model_info(uri).run_id
+        seconds = mlflow.MlflowClient().get_run(run_id).data.metrics.get("ae_fit_seconds") if run_id else None
+    return (lambda x, train: encoder.encode(x.astype(np.float32)).astype(np.float64)), seconds
 
 
 def lsa_method(dim: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -110,9 +117,10 @@ def main() -> None:
     methods = {
         "LSA-2": lsa_method(2), "LSA-10": lsa_method(10), "PCA-2": pca_method(2), "PCA-10": pca_method(10),
         "UMAP-2": umap_method(2),
-        "AE-2": ae_method(args.ae2, args.root) if args.ae2 else None,
-        "AE-10": ae_method(args.ae10, args.root) if args.ae10 else None,
     }
+    # The autoencoders were trained by `sae train`: their fit seconds are that training's, not the encoding's.
+    trained = {name: ae_method(uri, args.root) for name, uri in (("AE-2", args.ae2), ("AE-10", args.ae10)) if uri}
+    methods.update({name: fn for name, (fn, _) in trained.items()})
     recall = "|".join(f" P@R={r:g} " for r in args.recall)
     print(f"| method | 5-NN accuracy | trust k=5 | trust k=12 |{recall}| fit s |")
     print("|---|---|---|---|" + "---|" * len(args.recall) + "---|")
@@ -124,16 +132,17 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         codes = fit(x, train)
-        secs = time.perf_counter() - t0
+        secs = trained[name][1] if name in trained else time.perf_counter() - t0
         acc = knn_classifier_accuracy(codes[train], y[train], codes[test], y[test], k=5)
         t1 = time.perf_counter()
         tw = [trustworthiness(xs, codes[sample], k=k) for k in (5, 12)]
         t2 = time.perf_counter()
         prec = retrieval_precision(codes[test], y[test], codes[train], y[train], args.recall)
-        log.info("%s: fit %.0f s, kNN and trustworthiness %.0f s, retrieval %.0f s", name, secs, t2 - t1,
+        fit_s = "-" if secs is None else f"{secs:.0f}"
+        log.info("%s: fit %s s, kNN and trustworthiness %.0f s, retrieval %.0f s", name, fit_s, t2 - t1,
                  time.perf_counter() - t2)
         cells = " | ".join(f"{prec[r]:.3f}" for r in args.recall)
-        print(f"| {name} | {acc:.3f} | {tw[0]:.3f} | {tw[1]:.3f} | {cells} | {secs:.0f} |", flush=True)
+        print(f"| {name} | {acc:.3f} | {tw[0]:.3f} | {tw[1]:.3f} | {cells} | {fit_s} |", flush=True)
 
 
 if __name__ == "__main__":
