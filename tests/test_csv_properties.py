@@ -72,6 +72,7 @@ def rows(root, table):
     return pq.read_table(str((root / table).resolve())).to_pylist()
 
 
+@pytest.mark.slow  # an ingest per generated example, in sequence
 @SETTINGS
 @given(genome_input())
 def test_tag_genome_files_round_trip_and_counts_reconcile(spark, tmp_path_factory, case):
