@@ -57,16 +57,16 @@ def load_split(data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 def load_root(root: Path, train_value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test) of a published root: float32 features, string labels; training
-    rows are those whose ``split`` is ``train_value``, every other row is a test row."""
-    import pyarrow.parquet as pq
+    """(x_train, y_train, x_test, y_test) of a published root: float32 features (width from the ingest's
+    manifest), string labels (``sae_model.data.read_labels``); training rows are those whose ``split`` is
+    ``train_value`` (``sae_model.data.read_split``: DataError when none is), every other row is a test row."""
+    from sae_model.data import MANIFEST, load_table, read_labels, read_split, to_uri
 
-    from sae_model.data import FEATURES_COL, load_table, to_uri
-
-    dim = len(pq.ParquetDataset(f"{root}/features").read(columns=[FEATURES_COL]).column(0)[0].as_py())
-    ids, x = load_table(to_uri(f"{root}/features"), dim)
-    items = pq.read_table(f"{root}/items", columns=["item_id", "label", "split"]).to_pandas().set_index("item_id").reindex(ids)
-    y, train = items["label"].to_numpy().astype(str), (items["split"] == train_value).to_numpy()
+    dim = json.loads((root / "features" / MANIFEST).read_text(encoding="utf-8"))["dim"]
+    ids, x = load_table(to_uri(root / "features"), dim)
+    items = to_uri(root / "items")
+    train = np.isin(ids, read_split(items, "split", train_value, 0.0).train_ids)
+    y = read_labels(items, ids).astype(str)
     return x[train], y[train], x[~train], y[~train]
 
 
