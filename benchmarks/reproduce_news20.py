@@ -20,17 +20,17 @@ out when its model is not given.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 
-from sae_model.data import load_table, to_uri
+from sae_model.data import MANIFEST, load_table, read_labels, read_split, to_uri
 from sae_model.evaluation import (
     PCA,
     knn_classifier_accuracy,
@@ -45,11 +45,13 @@ RECALL = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
 
 
 def load(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x float32 (n, 2000) log(1 + count), newsgroup labels (n,), training mask (n,)) of ``root``'s posts."""
-    ids, x = load_table(to_uri(f"{root}/features"), 2000)
-    items = pq.read_table(f"{root}/items", columns=["item_id", "label", "split"]).to_pandas().set_index("item_id")
-    items = items.reindex(ids)
-    return x, items["label"].to_numpy().astype(str), (items["split"] == TRAIN).to_numpy()
+    """(x float32 (n, dim) as published, newsgroup labels (n,) str, training mask (n,) bool) of ``root``'s
+    posts, through ``sae_model.data``'s readers (the width from the ingest's manifest)."""
+    dim = json.loads((Path(root) / "features" / MANIFEST).read_text(encoding="utf-8"))["dim"]
+    ids, x = load_table(to_uri(f"{root}/features"), dim)
+    items = to_uri(f"{root}/items")
+    train = np.isin(ids, read_split(items, "split", TRAIN, 0.0).train_ids)
+    return x, read_labels(items, ids).astype(str), train
 
 
 def ae_method(uri: str, root: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], float | None]:
