@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import tempfile
 from pathlib import Path
@@ -41,7 +42,11 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def loss_curves_png(history: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per stage (each pretraining layer, fine-tuning): train and validation loss per epoch."""
+    """One panel per stage (each pretraining layer, fine-tuning): train and validation loss per epoch.
+
+    ``history``: the trainer's epoch records (``stage_name``, ``epoch``, ``train_loss``, ``val_loss``,
+    None when there are no validation rows). A panel's y axis is logarithmic when all its losses are
+    positive, linear otherwise. Writes a PNG to ``path`` and returns it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +61,11 @@ def loss_curves_png(history: list[dict[str, Any]], path: Path) -> Path:
         ax.plot(ep, [h["val_loss"] for h in rows], label="validation")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
-        ax.set_yscale("log")
+        # The neighbour losses drop constant terms and go negative (the t-SNE edge loss: about -1.3
+        # on 20 Newsgroups); a log axis only fits a stage whose losses are all positive.
+        plotted = [v for h in rows for v in (h["train_loss"], h["val_loss"]) if v is not None and math.isfinite(v)]
+        if plotted and min(plotted) > 0:
+            ax.set_yscale("log")
     axes[0][0].set_ylabel("loss")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -454,3 +454,23 @@ def test_eta_paces_each_stage_by_its_own_cost():
     # In fine-tuning, its own pace counts (10 s an epoch here, whatever pretraining took).
     spent = {0: (4.0, 2), 1: (2.0, 2), 2: (10.0, 1)}
     assert eta_seconds(stages, stages[2], 0, spent, layers) == pytest.approx(20.0)
+
+
+def test_loss_curves_of_a_negative_neighbour_loss_plot_without_warnings(tmp_path: Path) -> None:
+    """The t-SNE edge loss drops its constants and goes negative (-1.3 on 20 Newsgroups): the plot
+    logged with every run must not ask matplotlib for a log axis over negative values (a UserWarning
+    on every such training), while positive reconstruction losses still get a PNG too."""
+    import warnings
+
+    from PIL import Image
+
+    from sae_model.tracking import loss_curves_png
+
+    history = [
+        {"stage_name": "pretrain/layer0", "epoch": e, "train_loss": 0.1 / (e + 1), "val_loss": 0.12 / (e + 1)} for e in range(3)
+    ] + [{"stage_name": "finetune", "epoch": e, "train_loss": -0.5 - 0.3 * e, "val_loss": None} for e in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = loss_curves_png(history, tmp_path / "loss_curves.png")
+    with Image.open(out) as img:
+        assert img.width == 2 * 320 and img.height == 300  # two panels of 3.2 x 3 in at 100 dpi
