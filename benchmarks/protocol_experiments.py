@@ -56,17 +56,24 @@ def load_split(data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return tuple(out)
 
 
-def load_root(root: Path, train_value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test) of a published root: float32 features (width from the ingest's
-    manifest), string labels (``sae_model.data.read_labels``); training rows are those whose ``split`` is
-    ``train_value`` (``sae_model.data.read_split``: DataError when none is), every other row is a test row."""
+def load_published(root: Path, train_value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x float32 (n, dim), labels (n,) str, training mask (n,) bool) of a published root, in the order of
+    its features: the width from the ingest's manifest, labels by ``sae_model.data.read_labels``; training
+    rows are those whose ``split`` is ``train_value`` (``sae_model.data.read_split``: DataError when none
+    is). Also ``reproduce_news20.py``'s reader."""
     from sae_model.data import MANIFEST, load_table, read_labels, read_split, to_uri
 
-    dim = json.loads((root / "features" / MANIFEST).read_text(encoding="utf-8"))["dim"]
-    ids, x = load_table(to_uri(root / "features"), dim)
-    items = to_uri(root / "items")
+    dim = json.loads((Path(root) / "features" / MANIFEST).read_text(encoding="utf-8"))["dim"]
+    ids, x = load_table(to_uri(Path(root) / "features"), dim)
+    items = to_uri(Path(root) / "items")
     train = np.isin(ids, read_split(items, "split", train_value, 0.0).train_ids)
-    y = read_labels(items, ids).astype(str)
+    return x, read_labels(items, ids).astype(str), train
+
+
+def load_root(root: Path, train_value: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) of a published root (:func:`load_published`); every row that is
+    not a training row is a test row."""
+    x, y, train = load_published(root, train_value)
     return x[train], y[train], x[~train], y[~train]
 
 

@@ -20,17 +20,18 @@ out when its model is not given.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+# The published root's reader shared with the harness (this script's folder is on sys.path when run).
+from protocol_experiments import load_published
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfTransformer
 
-from sae_model.data import MANIFEST, load_table, read_labels, read_split, to_uri
 from sae_model.evaluation import (
     PCA,
     knn_classifier_accuracy,
@@ -42,16 +43,6 @@ from sae_model.evaluation import (
 log = logging.getLogger("reproduce_news20")
 TRAIN = "20news-bydate-train"
 RECALL = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
-
-
-def load(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x float32 (n, dim) as published, newsgroup labels (n,) str, training mask (n,) bool) of ``root``'s
-    posts, through ``sae_model.data``'s readers (the width from the ingest's manifest)."""
-    dim = json.loads((Path(root) / "features" / MANIFEST).read_text(encoding="utf-8"))["dim"]
-    ids, x = load_table(to_uri(f"{root}/features"), dim)
-    items = to_uri(f"{root}/items")
-    train = np.isin(ids, read_split(items, "split", TRAIN, 0.0).train_ids)
-    return x, read_labels(items, ids).astype(str), train
 
 
 def ae_method(uri: str, root: str) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], float | None]:
@@ -110,7 +101,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=2000, help="test posts (seeded) for trustworthiness")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    x, y, train = load(args.root)
+    x, y, train = load_published(Path(args.root), TRAIN)
     test = ~train
     rng = np.random.default_rng(0)
     test_idx = np.flatnonzero(test)
