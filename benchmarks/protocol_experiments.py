@@ -237,6 +237,8 @@ def main() -> None:
     p.add_argument("--activation", default="sigmoid", help="model.activation of the hidden layers")
     p.add_argument("--output-activation", default="sigmoid", help="model.output_activation")
     p.add_argument("--pre-optimizer", default="sgd")
+    p.add_argument("--pre-visible", default="model", help="pretrain.rbm_visible: model or constrained_poisson")
+    p.add_argument("--pre-count-scale", type=float, default=1.0, help="pretrain.rbm_count_scale")
     p.add_argument("--out", type=Path, default=Path("/tmp/proto"))
     p.add_argument("--tag", default="")
     p.add_argument("--code", type=int, default=2)
@@ -298,10 +300,12 @@ def main() -> None:
     tc = TrainConfig(seed=0, val_fraction=args.val_fraction, progress=False, auto_resume=False)
     source = InMemorySource(np.arange(len(x_tr), dtype=np.int64), x_tr, args.val_fraction, device)
     pre = PretrainConfig(method=args.pretrain, epochs=args.pre_epochs, lr=args.pre_lr, momentum=0.9, batch_size=100,
-                         weight_decay=args.pre_weight_decay, optimizer=args.pre_optimizer)
+                         weight_decay=args.pre_weight_decay, optimizer=args.pre_optimizer, rbm_visible=args.pre_visible,
+                         rbm_count_scale=args.pre_count_scale)
     mc = ModelConfig(layers=layers, activation=args.activation, output_activation=args.output_activation)
-    # The MNIST runs' key (docs/mnist_protocol_results.md) stays what it was: the root and a
-    # non-default model enter it only when given.
+    # The root and a non-default model enter the key only when given. (The pretraining settings'
+    # repr gained pretrain.rbm_visible and rbm_count_scale on 2026-12-01: caches from before are not
+    # found, and rebuilt.)
     extra = ((str(args.root),) if args.root else ()) + ((mc,) if mc != ModelConfig(layers=layers) else ())
     key = hashlib.sha1(repr((layers, pre, args.val_fraction, args.rows, *extra)).encode()).hexdigest()[:10]
     cache = args.out / f"pre-{key}.pt"
@@ -326,7 +330,7 @@ def main() -> None:
     at = {int(e) for e in args.eval_at.split(",") if e} | {fine.epochs}
     t_start = time.perf_counter()
     scoring = [0.0]
-    settings = {"tag": args.tag, "code": args.code, "layers": layers, "activation": args.activation, "root": str(args.root) if args.root else None, "pre": f"{args.pretrain} {args.pre_epochs} wd {args.pre_weight_decay}",
+    settings = {"tag": args.tag, "code": args.code, "layers": layers, "activation": args.activation, "root": str(args.root) if args.root else None, "pre": f"{args.pretrain} {args.pre_epochs} wd {args.pre_weight_decay}" + (f" {args.pre_visible} x{args.pre_count_scale:g}" if args.pre_visible != "model" else ""),
                 "overrides": args.overrides, "init": settings_init, "val_fraction": args.val_fraction, "threads": torch.get_num_threads()}
 
     def evaluate(tr: Trainer, epoch: int) -> None:

@@ -120,17 +120,26 @@ def rbm_step(
     cd_k: int,
     generator: torch.Generator | None = None,
     before_step: Callable[[], None] | None = None,
+    visible_units: str = "model",
 ) -> torch.Tensor:
     """One CD-k step of the RBM whose weights are tied: W = encoders[layer].weight = decoders[layer].weight.T.
 
-    Hidden units are binary (sampled) except for the code layer, whose units are linear with unit
-    Gaussian noise (Hinton & Salakhutdinov 2006). The visible side uses the model's decoder
-    activation (logistic for [0,1] data). The CD gradient is written into ``.grad`` so any torch
-    optimizer (momentum, weight decay) applies it, and its state is checkpointed like the others.
+    ``v0``: float (batch, layers[layer]). Hidden units are binary (sampled) except for the code layer,
+    whose units are linear with unit Gaussian noise (Hinton & Salakhutdinov 2006). The visible side
+    uses the model's decoder activation (logistic for [0,1] data), or with ``visible_units=
+    "constrained_poisson"`` on level 0 the constrained Poisson unit of the same paper's document model:
+    each visible unit's rate is ``N * softmax(W'h + b)``, ``N`` the row's total (its length in words),
+    so the rates of a row sum to its length. As in the paper's CD-1, the reconstruction is the mean (the
+    rates), not a sample. The CD gradient is written into ``.grad`` so any torch optimizer (momentum,
+    weight decay) applies it, and its state is checkpointed like the others. Returns the mean squared
+    error of the mean-field reconstruction, detached. Raises ValueError on an unknown ``visible_units``.
     """
+    if visible_units not in ("model", "constrained_poisson"):
+        raise ValueError(f"visible_units: unknown {visible_units!r}; choose model or constrained_poisson")
     enc, dec = model.encoders[layer], model.decoders[layer]
     top = layer == model.depth - 1
     w, hb, vb = enc.weight, enc.bias, dec.bias  # w: (hidden, visible)
+    length = v0.sum(1, keepdim=True) if visible_units == "constrained_poisson" and layer == 0 else None
 
     def hidden(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = F.linear(v, w, hb)
@@ -140,7 +149,8 @@ def rbm_step(
         return p, (torch.rand(p.shape, device=p.device, generator=generator) < p).to(p.dtype)
 
     def visible(h: torch.Tensor) -> torch.Tensor:
-        return model.dec_acts[layer](F.linear(h, w.t(), vb))
+        pre = F.linear(h, w.t(), vb)
+        return model.dec_acts[layer](pre) if length is None else torch.softmax(pre, dim=1) * length
 
     ph0, h = hidden(v0)
     vk, phk = v0, ph0
@@ -159,7 +169,27 @@ def rbm_step(
     optimizer.step()
     # Keep the decoder the transpose of the RBM's weights (the unrolled net starts tied).
     dec.weight.copy_(w.t())
-    return F.mse_loss(visible(ph0), v0)
+    return F.mse_loss(rbm_reconstruction(model, layer, v0, visible_units), v0)
+
+
+@torch.no_grad()
+def rbm_reconstruction(model: StackedAutoencoder, layer: int, v: torch.Tensor, visible_units: str = "model") -> torch.Tensor:
+    """The RBM of level ``layer``'s mean-field reconstruction of ``v`` (batch, layers[layer]): hidden
+    probabilities (the code layer's linear means), then the visible means, as ``rbm_step`` defines the
+    units (``N * softmax`` for the constrained Poisson unit on level 0). Same shape as ``v``."""
+    h = model.enc_acts[layer](model.encoders[layer](v))
+    pre = model.decoders[layer](h)
+    if visible_units == "constrained_poisson" and layer == 0:
+        return torch.softmax(pre, dim=1) * v.sum(1, keepdim=True)
+    return model.dec_acts[layer](pre)
+
+
+@torch.no_grad()
+def fold_count_scale(model: StackedAutoencoder, scale: float) -> None:
+    """After a constrained Poisson RBM trained on inputs x ``scale`` (``pretrain.rbm_count_scale``): fold the
+    factor into ``encoders[0]``'s weights, so the model encodes the unscaled features as the RBM encoded
+    the scaled ones. The decoder keeps the RBM's weights: its softmax gives word shares, free of scale."""
+    model.encoders[0].weight.mul_(scale)
 
 
 def rbm_params(model: StackedAutoencoder, layer: int) -> list[torch.nn.Parameter]:

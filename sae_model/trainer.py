@@ -41,8 +41,10 @@ from sae_model.pretrain import (
     DecoderBiasInit,
     autoencoder_step,
     corrupt,
+    fold_count_scale,
     inputs_for_layer,
     rbm_params,
+    rbm_reconstruction,
     rbm_step,
     reduction_scale,
     tie_rbm_init,
@@ -92,7 +94,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(ValueError):
-    """Settings that cannot train (the message names the key), found before any epoch runs."""
+    """Settings that cannot train (the message names the key), found before any epoch runs, or for an
+    input check on the data itself at the end of the first epoch that reads it."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -462,6 +465,10 @@ class Trainer:
         bce = self.fine.loss == "bce"
         opt = self.optimizer
         rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
+        # The constrained Poisson unit's rates are shares of a row's total: a negative input has no
+        # meaning there. Checked on the device and read with the epoch's loss (no extra host sync).
+        counts = rbm and stage.layer == 0 and self.pre.rbm_visible == "constrained_poisson"
+        negative = torch.zeros((), device=self.device, dtype=torch.long)
         graph = self._graph() if stage.kind == "finetune" else None
         batches = self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed)
         for xb, scale in self._lockstep(batches):
@@ -490,8 +497,11 @@ class Trainer:
             else:
                 n = xb.shape[0]
                 x = inputs_for_layer(m, xb, stage.layer)
+                if counts:
+                    negative += (x < 0).any(1).sum()
+                    x = x * self.pre.rbm_count_scale
                 if rbm:
-                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync)
+                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync, visible_units=self.pre.rbm_visible)
                 else:
                     with self._autocast():
                         loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
@@ -500,9 +510,14 @@ class Trainer:
         if self.distributed:
             import torch.distributed as dist
 
-            stats = torch.stack([total, count])
+            stats = torch.stack([total, count, negative.double()])
             dist.all_reduce(stats)
-            total, count = stats[0], stats[1]
+            total, count, negative = stats[0], stats[1], stats[2].long()
+        if counts and int(negative.item()):
+            raise TrainingError(
+                f"pretrain.rbm_visible=constrained_poisson needs non-negative inputs (counts or their weights): "
+                f"{int(negative.item())} training rows have a negative value; use pretrain.rbm_visible=model"
+            )
         return float(total.item() / max(count.item(), 1))
 
     def _lockstep(self, batches: Iterator[Any]) -> Iterator[tuple[Any, float]]:
@@ -572,8 +587,13 @@ class Trainer:
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)
-                h = m.enc_acts[layer](m.encoders[layer](x))
-                loss = F.mse_loss(m.dec_acts[layer](m.decoders[layer](h)), x)
+                if self.pre.method == "rbm":
+                    if layer == 0 and self.pre.rbm_visible == "constrained_poisson":
+                        x = x * self.pre.rbm_count_scale  # as train_epoch feeds it; folded after the stage
+                    loss = F.mse_loss(rbm_reconstruction(m, layer, x, self.pre.rbm_visible), x)
+                else:
+                    h = m.enc_acts[layer](m.encoders[layer](x))
+                    loss = F.mse_loss(m.dec_acts[layer](m.decoders[layer](h)), x)
             total += float(loss) * xb.shape[0]
             count += xb.shape[0]
         self._val_rows = count
@@ -631,6 +651,10 @@ class Trainer:
                     stage.name, epoch + 1, stage.epochs, train_loss, val_text, rec.seconds,
                     eta_seconds(stages, stage, epoch, spent, self.model.layers),
                 )
+                if (epoch == stage.epochs - 1 and stage.kind == "pretrain" and stage.layer == 0
+                        and self.pre.method == "rbm" and self.pre.rbm_visible == "constrained_poisson"):
+                    # In the same checkpoint as the stage's last epoch: a resume never folds twice.
+                    fold_count_scale(self.model, self.pre.rbm_count_scale)
                 self.save(stage, epoch, finished=False)
         self.save(stages[-1], stages[-1].epochs - 1, finished=True)
 
