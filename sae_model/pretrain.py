@@ -169,14 +169,15 @@ def rbm_step(
     optimizer.step()
     # Keep the decoder the transpose of the RBM's weights (the unrolled net starts tied).
     dec.weight.copy_(w.t())
-    return F.mse_loss(rbm_reconstruction(model, layer, v0, visible_units), v0)
+    return F.mse_loss(reconstruct_layer(model, layer, v0, visible_units), v0)
 
 
 @torch.no_grad()
-def rbm_reconstruction(model: StackedAutoencoder, layer: int, v: torch.Tensor, visible_units: str = "model") -> torch.Tensor:
-    """The RBM of level ``layer``'s mean-field reconstruction of ``v`` (batch, layers[layer]): hidden
-    probabilities (the code layer's linear means), then the visible means, as ``rbm_step`` defines the
-    units (``N * softmax`` for the constrained Poisson unit on level 0). Same shape as ``v``."""
+def reconstruct_layer(model: StackedAutoencoder, layer: int, v: torch.Tensor, visible_units: str = "model") -> torch.Tensor:
+    """Level ``layer``'s deterministic reconstruction of ``v`` (batch, layers[layer]), the pretraining
+    stages' validation measure: the encoder's activations (an RBM's hidden probabilities, the code
+    layer's linear means), then the decoder's, or for ``visible_units="constrained_poisson"`` on level 0
+    the rates ``N * softmax`` as ``rbm_step`` defines them. Same shape and dtype as ``v``."""
     h = model.enc_acts[layer](model.encoders[layer](v))
     pre = model.decoders[layer](h)
     if visible_units == "constrained_poisson" and layer == 0:

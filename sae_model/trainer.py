@@ -44,8 +44,8 @@ from sae_model.pretrain import (
     fold_count_scale,
     inputs_for_layer,
     rbm_params,
-    rbm_reconstruction,
     rbm_step,
+    reconstruct_layer,
     reduction_scale,
     tie_rbm_init,
 )
@@ -467,7 +467,7 @@ class Trainer:
         rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
         # The constrained Poisson unit's rates are shares of a row's total: a negative input has no
         # meaning there. Checked on the device and read with the epoch's loss (no extra host sync).
-        counts = rbm and stage.layer == 0 and self.pre.rbm_visible == "constrained_poisson"
+        counts = self._counts_stage(stage)
         negative = torch.zeros((), device=self.device, dtype=torch.long)
         graph = self._graph() if stage.kind == "finetune" else None
         batches = self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed)
@@ -519,6 +519,13 @@ class Trainer:
                 f"{int(negative.item())} training rows have a negative value; use pretrain.rbm_visible=model"
             )
         return float(total.item() / max(count.item(), 1))
+
+    def _counts_stage(self, stage: Stage) -> bool:
+        """Whether ``stage`` is the first RBM with constrained Poisson visible units (``pretrain.rbm_visible``):
+        its inputs are checked for negatives and scaled by ``pretrain.rbm_count_scale``, which is
+        folded into the first encoder when it ends."""
+        return (stage.kind == "pretrain" and stage.layer == 0 and self.pre.method == "rbm"
+                and self.pre.rbm_visible == "constrained_poisson")
 
     def _lockstep(self, batches: Iterator[Any]) -> Iterator[tuple[Any, float]]:
         """``(batch, this rank's share of the global batch's rows)``; in one process every batch with
@@ -587,13 +594,9 @@ class Trainer:
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)
-                if self.pre.method == "rbm":
-                    if layer == 0 and self.pre.rbm_visible == "constrained_poisson":
-                        x = x * self.pre.rbm_count_scale  # as train_epoch feeds it; folded after the stage
-                    loss = F.mse_loss(rbm_reconstruction(m, layer, x, self.pre.rbm_visible), x)
-                else:
-                    h = m.enc_acts[layer](m.encoders[layer](x))
-                    loss = F.mse_loss(m.dec_acts[layer](m.decoders[layer](h)), x)
+                if self._counts_stage(stage):
+                    x = x * self.pre.rbm_count_scale  # as train_epoch feeds it; folded after the stage
+                loss = F.mse_loss(reconstruct_layer(m, layer, x, self.pre.rbm_visible), x)
             total += float(loss) * xb.shape[0]
             count += xb.shape[0]
         self._val_rows = count
@@ -651,8 +654,7 @@ class Trainer:
                     stage.name, epoch + 1, stage.epochs, train_loss, val_text, rec.seconds,
                     eta_seconds(stages, stage, epoch, spent, self.model.layers),
                 )
-                if (epoch == stage.epochs - 1 and stage.kind == "pretrain" and stage.layer == 0
-                        and self.pre.method == "rbm" and self.pre.rbm_visible == "constrained_poisson"):
+                if epoch == stage.epochs - 1 and self._counts_stage(stage):
                     # In the same checkpoint as the stage's last epoch: a resume never folds twice.
                     fold_count_scale(self.model, self.pre.rbm_count_scale)
                 self.save(stage, epoch, finished=False)
