@@ -121,6 +121,7 @@ def rbm_step(
     generator: torch.Generator | None = None,
     before_step: Callable[[], None] | None = None,
     visible_units: str = "model",
+    count_scale: float = 1.0,
 ) -> torch.Tensor:
     """One CD-k step of the RBM whose weights are tied: W = encoders[layer].weight = decoders[layer].weight.T.
 
@@ -131,15 +132,27 @@ def rbm_step(
     each visible unit's rate is ``N * softmax(W'h + b)``, ``N`` the row's total (its length in words),
     so the rates of a row sum to its length. As in the paper's CD-1, the reconstruction is the mean (the
     rates), not a sample. The CD gradient is written into ``.grad`` so any torch optimizer (momentum,
-    weight decay) applies it, and its state is checkpointed like the others. Returns the mean squared
-    error of the mean-field reconstruction, detached. Raises ValueError on an unknown ``visible_units``.
+    weight decay) applies it, and its state is checkpointed like the others.
+
+    ``count_scale`` (constrained Poisson only, ``pretrain.rbm_count_scale``): the RBM models the rows
+    x ``count_scale`` with weights W, while the encoder holds ``count_scale * W``, so that it encodes the
+    unscaled rows as the RBM encodes the scaled ones, at every step (a checkpoint or a resume never needs
+    a conversion) and the decoder holds W.T. The gradient on the encoder is ``count_scale`` times the
+    RBM's, so SGD (with momentum and weight decay) moves it exactly ``count_scale`` times the RBM's step.
+
+    Returns the mean squared error of the mean-field reconstruction of the unscaled ``v0``, detached.
+    Raises ValueError on an unknown ``visible_units``.
     """
     if visible_units not in ("model", "constrained_poisson"):
         raise ValueError(f"visible_units: unknown {visible_units!r}; choose model or constrained_poisson")
+    poisson = visible_units == "constrained_poisson" and layer == 0
+    c = float(count_scale) if poisson else 1.0
     enc, dec = model.encoders[layer], model.decoders[layer]
     top = layer == model.depth - 1
-    w, hb, vb = enc.weight, enc.bias, dec.bias  # w: (hidden, visible)
-    length = v0.sum(1, keepdim=True) if visible_units == "constrained_poisson" and layer == 0 else None
+    w_enc, hb, vb = enc.weight, enc.bias, dec.bias  # (hidden, visible)
+    w = w_enc / c if c != 1.0 else w_enc  # the RBM's own weights, for the scaled rows
+    v = v0 * c if c != 1.0 else v0
+    length = v.sum(1, keepdim=True) if poisson else None
 
     def hidden(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = F.linear(v, w, hb)
@@ -152,23 +165,23 @@ def rbm_step(
         pre = F.linear(h, w.t(), vb)
         return model.dec_acts[layer](pre) if length is None else torch.softmax(pre, dim=1) * length
 
-    ph0, h = hidden(v0)
-    vk, phk = v0, ph0
+    ph0, h = hidden(v)
+    vk, phk = v, ph0
     for _ in range(cd_k):
         vk = visible(h)
         phk, h = hidden(vk)
-    n = v0.shape[0]
+    n = v.shape[0]
     # Descent direction = -(positive - negative statistics).
-    gw = -(ph0.t() @ v0 - phk.t() @ vk) / n
+    gw = -(ph0.t() @ v - phk.t() @ vk) / n
     ghb = -(ph0 - phk).mean(0)
-    gvb = -(v0 - vk).mean(0)
+    gvb = -(v - vk).mean(0)
     optimizer.zero_grad(set_to_none=True)
-    w.grad, hb.grad, vb.grad = gw, ghb, gvb
+    w_enc.grad, hb.grad, vb.grad = gw * c if c != 1.0 else gw, ghb, gvb
     if before_step is not None:
         before_step()
     optimizer.step()
     # Keep the decoder the transpose of the RBM's weights (the unrolled net starts tied).
-    dec.weight.copy_(w.t())
+    dec.weight.copy_((w_enc / c if c != 1.0 else w_enc).t())
     return F.mse_loss(reconstruct_layer(model, layer, v0, visible_units), v0)
 
 
@@ -177,7 +190,8 @@ def reconstruct_layer(model: StackedAutoencoder, layer: int, v: torch.Tensor, vi
     """Level ``layer``'s deterministic reconstruction of ``v`` (batch, layers[layer]), the pretraining
     stages' validation measure: the encoder's activations (an RBM's hidden probabilities, the code
     layer's linear means), then the decoder's, or for ``visible_units="constrained_poisson"`` on level 0
-    the rates ``N * softmax`` as ``rbm_step`` defines them. Same shape and dtype as ``v``."""
+    the rates ``N * softmax`` as ``rbm_step`` defines them (for the unscaled rows: the encoder holds the
+    count scale, the decoder does not). Same shape and dtype as ``v``."""
     h = model.enc_acts[layer](model.encoders[layer](v))
     pre = model.decoders[layer](h)
     if visible_units == "constrained_poisson" and layer == 0:
@@ -185,24 +199,19 @@ def reconstruct_layer(model: StackedAutoencoder, layer: int, v: torch.Tensor, vi
     return model.dec_acts[layer](pre)
 
 
-@torch.no_grad()
-def fold_count_scale(model: StackedAutoencoder, scale: float) -> None:
-    """After a constrained Poisson RBM trained on inputs x ``scale`` (``pretrain.rbm_count_scale``): fold the
-    factor into ``encoders[0]``'s weights, so the model encodes the unscaled features as the RBM encoded
-    the scaled ones. The decoder keeps the RBM's weights: its softmax gives word shares, free of scale."""
-    model.encoders[0].weight.mul_(scale)
-
-
 def rbm_params(model: StackedAutoencoder, layer: int) -> list[torch.nn.Parameter]:
     """What an RBM optimizer updates: the shared weights (in the encoder) and both biases."""
     return [model.encoders[layer].weight, model.encoders[layer].bias, model.decoders[layer].bias]
 
 
-def tie_rbm_init(model: StackedAutoencoder, layer: int, generator: torch.Generator | None = None) -> None:
-    """Hinton's RBM init: small Gaussian weights (sd 0.1, 0.01 here for wide layers), zero biases, tied."""
+def tie_rbm_init(model: StackedAutoencoder, layer: int, generator: torch.Generator | None = None,
+                 count_scale: float = 1.0) -> None:
+    """Hinton's RBM init: small Gaussian weights (sd 0.1, 0.01 here for wide layers), zero biases, tied;
+    the encoder holds ``count_scale`` times the RBM's weights (see ``rbm_step``)."""
     with torch.no_grad():
         enc, dec = model.encoders[layer], model.decoders[layer]
-        enc.weight.copy_(torch.randn(enc.weight.shape, generator=generator) * 0.01)
+        w = torch.randn(enc.weight.shape, generator=generator) * 0.01
+        enc.weight.copy_(w * count_scale)
         enc.bias.zero_()
         dec.bias.zero_()
-        dec.weight.copy_(enc.weight.t())
+        dec.weight.copy_(w.t())

@@ -41,7 +41,6 @@ from sae_model.pretrain import (
     DecoderBiasInit,
     autoencoder_step,
     corrupt,
-    fold_count_scale,
     inputs_for_layer,
     rbm_params,
     rbm_step,
@@ -355,6 +354,14 @@ class Trainer:
         # {pretrain,finetune}.loss_reduction=sum: the step of the L2 cost summed over the reconstructed dims.
         rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
         scale = 1.0 if rbm else reduction_scale(c.loss_reduction, m.layers[stage.layer or 0], c.optimizer)
+        if c.optimizer == "adam" and self._count_scale(stage) != 1.0:
+            # The encoder holds count_scale x the RBM's weights (rbm_step). Adam's step ignores the
+            # gradient's scale, so the weights' rate is count_scale x lr (their step count_scale x the
+            # RBM's, as under SGD); the biases are the RBM's own.
+            w, *biases = params
+            opt = make_optimizer([w], c.optimizer, lr * self._count_scale(stage), c.momentum, c.weight_decay)
+            opt.add_param_group({"params": biases, "lr": lr})
+            return opt
         return make_optimizer(params, c.optimizer, lr * scale, c.momentum, c.weight_decay / scale)
 
     def _decay_lr(self, stage: Stage, epoch: int) -> None:
@@ -499,9 +506,9 @@ class Trainer:
                 x = inputs_for_layer(m, xb, stage.layer)
                 if counts:
                     negative += (x < 0).any(1).sum()
-                    x = x * self.pre.rbm_count_scale
                 if rbm:
-                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync, visible_units=self.pre.rbm_visible)
+                    loss = rbm_step(m, stage.layer, x, opt, self.pre.cd_k, gen, before_step=sync,
+                                    visible_units=self.pre.rbm_visible, count_scale=self._count_scale(stage))
                 else:
                     with self._autocast():
                         loss = autoencoder_step(m, stage.layer, x, opt, self.pre.corruption, bce, gen, before_step=sync)
@@ -514,18 +521,24 @@ class Trainer:
             dist.all_reduce(stats)
             total, count, negative = stats[0], stats[1], stats[2].long()
         if counts and int(negative.item()):
-            raise TrainingError(
-                f"pretrain.rbm_visible=constrained_poisson needs non-negative inputs (counts or their weights): "
-                f"{int(negative.item())} training rows have a negative value; use pretrain.rbm_visible=model"
-            )
+            raise self._negative_inputs(int(negative.item()), "training")
         return float(total.item() / max(count.item(), 1))
 
     def _counts_stage(self, stage: Stage) -> bool:
         """Whether ``stage`` is the first RBM with constrained Poisson visible units (``pretrain.rbm_visible``):
-        its inputs are checked for negatives and scaled by ``pretrain.rbm_count_scale``, which is
-        folded into the first encoder when it ends."""
+        its training and validation inputs are checked for negatives, and it models them x
+        ``pretrain.rbm_count_scale`` (``rbm_step``)."""
         return (stage.kind == "pretrain" and stage.layer == 0 and self.pre.method == "rbm"
                 and self.pre.rbm_visible == "constrained_poisson")
+
+    def _count_scale(self, stage: Stage) -> float:
+        return self.pre.rbm_count_scale if self._counts_stage(stage) else 1.0
+
+    def _negative_inputs(self, rows: int, where: str) -> TrainingError:
+        return TrainingError(
+            f"pretrain.rbm_visible=constrained_poisson needs non-negative inputs (counts or their weights): "
+            f"{rows} {where} rows have a negative value; use pretrain.rbm_visible=model"
+        )
 
     def _lockstep(self, batches: Iterator[Any]) -> Iterator[tuple[Any, float]]:
         """``(batch, this rank's share of the global batch's rows)``; in one process every batch with
@@ -594,8 +607,8 @@ class Trainer:
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)
-                if self._counts_stage(stage):
-                    x = x * self.pre.rbm_count_scale  # as train_epoch feeds it; folded after the stage
+                if self._counts_stage(stage) and bool((x < 0).any()):
+                    raise self._negative_inputs(int((x < 0).any(1).sum()), "validation")
                 loss = F.mse_loss(reconstruct_layer(m, layer, x, self.pre.rbm_visible), x)
             total += float(loss) * xb.shape[0]
             count += xb.shape[0]
@@ -622,7 +635,8 @@ class Trainer:
                 continue
             if first == 0 or self.optimizer is None:
                 if stage.kind == "pretrain" and self.pre.method == "rbm" and first == 0:
-                    tie_rbm_init(self.model, stage.layer, torch.Generator().manual_seed(self.tc.seed + stage.index))
+                    tie_rbm_init(self.model, stage.layer, torch.Generator().manual_seed(self.tc.seed + stage.index),
+                                 self._count_scale(stage))
                 self.optimizer = self._optimizer_for(stage)
             for cb in self.callbacks:
                 cb.on_stage_start(self, stage)
@@ -654,9 +668,6 @@ class Trainer:
                     stage.name, epoch + 1, stage.epochs, train_loss, val_text, rec.seconds,
                     eta_seconds(stages, stage, epoch, spent, self.model.layers),
                 )
-                if epoch == stage.epochs - 1 and self._counts_stage(stage):
-                    # In the same checkpoint as the stage's last epoch: a resume never folds twice.
-                    fold_count_scale(self.model, self.pre.rbm_count_scale)
                 self.save(stage, epoch, finished=False)
         self.save(stages[-1], stages[-1].epochs - 1, finished=True)
 

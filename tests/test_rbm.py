@@ -11,9 +11,10 @@ import torch
 from pipelines.config import ConfigError, load_config
 from sae_model.callbacks import Callback
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
+from sae_model.data import is_validation
 from sae_model.evaluation import knn_accuracy
 from sae_model.model import StackedAutoencoder
-from sae_model.pretrain import rbm_step
+from sae_model.pretrain import rbm_params, rbm_step, tie_rbm_init
 from sae_model.trainer import MlflowSettings, TrainingError, train
 from tests.train_data import write_features
 
@@ -107,11 +108,26 @@ def test_negative_inputs_are_refused_with_the_key_to_change(tmp_path):
         train(*_settings("constrained_poisson", epochs=1), uri, None, MlflowSettings("", enabled=False), tmp_path / "ck")
 
 
+def test_negative_validation_rows_are_refused_too(tmp_path):
+    x, labels = documents(100, 60, 3)
+    ids = np.arange(100, dtype=np.int64) * 13 + 5  # write_features' item ids
+    x[np.flatnonzero(is_validation(ids, 0.2))[0], 3] = -1.0
+    uri = write_features(tmp_path / "root", x, labels)
+    model, pre, fine, _ = _settings("constrained_poisson", epochs=1)
+    tc = TrainConfig(seed=1, progress=False, val_fraction=0.2)
+    with pytest.raises(TrainingError, match=r"needs non-negative.*1 validation rows"):
+        train(model, pre, fine, tc, uri, None, MlflowSettings("", enabled=False), tmp_path / "ck")
+
+
 def test_the_unit_needs_rbm_pretraining_and_the_scale_needs_the_unit():
     with pytest.raises(ConfigError, match=r"^pretrain.rbm_visible: constrained_poisson is a visible unit of an RBM"):
         load_config(None, ["pretrain.method=autoencoder", "pretrain.rbm_visible=constrained_poisson"])
     with pytest.raises(ConfigError, match=r"^pretrain.rbm_count_scale: scales the inputs of the constrained Poisson"):
         load_config(None, ["pretrain.method=rbm", "pretrain.rbm_count_scale=20"])
+    unit = ["pretrain.method=rbm", "pretrain.rbm_visible=constrained_poisson"]
+    for bad, message in (("inf", "must be <= 10000.0"), ("1e40", "must be <= 10000.0"), ("1e-30", "must be >= 0.0001")):
+        with pytest.raises(ConfigError, match=rf"^pretrain.rbm_count_scale: {message}"):
+            load_config(None, [*unit, f"pretrain.rbm_count_scale={bad}"])
     cfg = load_config(None, ["pretrain.method=rbm", "pretrain.rbm_visible=constrained_poisson"])
     assert cfg.pretrain.rbm_visible == "constrained_poisson"
 
@@ -123,8 +139,8 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 def test_unit_length_rows_need_the_count_scale_and_the_model_takes_them_unscaled(tmp_path):
     # The news20 preset's rows: unit-length, summing to ~5. At scale 1 the unit's weights barely move
     # from their init (hidden probabilities all ~0.5: mean sd over rows 0.002, measured); at x20 it
-    # learns (sd 0.37), and after the fold the returned model's hidden units, fed the unscaled rows,
-    # separate the topics (5-NN 0.98).
+    # learns (sd 0.37), and the returned model's hidden units, fed the unscaled rows, separate the
+    # topics (5-NN 0.98).
     x, labels = documents(600, 60, 3)
     x = _unit_rows(x)
     uri = write_features(tmp_path / "root", x, labels)
@@ -139,6 +155,45 @@ def test_unit_length_rows_need_the_count_scale_and_the_model_takes_them_unscaled
     assert knn_accuracy(hidden[20.0], labels, k=5) > 0.9
 
 
+def test_the_scaled_rbm_is_the_rbm_of_the_scaled_rows():
+    # rbm_step with count_scale c on x moves the decoder (the RBM's weights) and the biases as the
+    # unscaled RBM does on c x, while the encoder holds c times the weights: SGD with momentum and
+    # weight decay, two steps.
+    c = 20.0
+    x = documents(40, 12, 3)[0] / 50.0
+    scaled, plain = StackedAutoencoder([12, 5, 2]), StackedAutoencoder([12, 5, 2])
+    tie_rbm_init(scaled, 0, torch.Generator().manual_seed(0), count_scale=c)
+    tie_rbm_init(plain, 0, torch.Generator().manual_seed(0))
+    for model, rows, scale in ((scaled, x, c), (plain, x * c, 1.0)):
+        opt = torch.optim.SGD(rbm_params(model, 0), lr=0.01, momentum=0.9, weight_decay=0.001)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            rbm_step(model, 0, torch.from_numpy(rows), opt, 1, g, visible_units="constrained_poisson", count_scale=scale)
+    assert torch.allclose(scaled.encoders[0].weight, c * plain.encoders[0].weight, rtol=1e-4, atol=1e-5)
+    for a, b in ((scaled.decoders[0].weight, plain.decoders[0].weight), (scaled.encoders[0].bias, plain.encoders[0].bias),
+                 (scaled.decoders[0].bias, plain.decoders[0].bias)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_with_the_scale_equals_training_on_scaled_rows(tmp_path, optimizer):
+    # The whole pretraining through the trainer: rows x with rbm_count_scale=20 against the rows 20 x
+    # with scale 1. Every stage above the first sees the same hidden units, so the two models differ
+    # only in the first encoder's weights, by the factor (for Adam too: its rate is scaled).
+    x, labels = documents(200, 60, 3)
+    x = _unit_rows(x)
+    off = MlflowSettings("", enabled=False)
+    models = []
+    for rows, scale in ((x, 20.0), (x * 20.0, 1.0)):
+        model, pre, fine, tc = _settings("constrained_poisson", epochs=2)
+        pre = dataclasses.replace(pre, rbm_count_scale=scale, lr=0.01 if optimizer == "sgd" else 0.001, optimizer=optimizer)
+        uri = write_features(tmp_path / f"root{scale}", rows, labels)
+        models.append(train(model, pre, fine, tc, uri, None, off, tmp_path / f"ck{scale}").model.state_dict())
+    for key in models[0]:
+        want = models[1][key] * (20.0 if key == "encoders.0.weight" else 1.0)
+        assert torch.allclose(models[0][key], want, rtol=1e-3, atol=1e-4), key
+
+
 class _StopAt(Callback):
     """Stops training at the end of one epoch (before its checkpoint), as a killed job would."""
 
@@ -150,15 +205,18 @@ class _StopAt(Callback):
             raise KeyboardInterrupt
 
 
-def test_a_resume_after_the_first_stage_folds_the_scale_once(tmp_path):
+@pytest.mark.parametrize(("first", "then"), [(2, 3), (3, 2)])
+def test_a_resume_with_another_run_length_keeps_the_encoder_scaled_once(tmp_path, first, then):
+    # pretrain.epochs may change on a resume (RESUME_FREE_KEYS): killed after the first RBM's stage,
+    # resumed with a longer or shorter stage. The encoder must hold the factor exactly once, i.e.
+    # c times the decoder's (the RBM's) weights, as in an uninterrupted run.
     x, labels = documents(200, 60, 3)
     uri = write_features(tmp_path / "root", _unit_rows(x), labels)
-    model, pre, fine, tc = _settings("constrained_poisson", epochs=2)
+    model, pre, fine, tc = _settings("constrained_poisson", epochs=first)
     pre = dataclasses.replace(pre, rbm_count_scale=20.0)
     off = MlflowSettings("", enabled=False)
-    whole = train(model, pre, fine, tc, uri, None, off, tmp_path / "whole").model
-    with pytest.raises(KeyboardInterrupt):  # killed after the first RBM's stage was checkpointed
-        train(model, pre, fine, tc, uri, None, off, tmp_path / "cut", callbacks=[_StopAt(1, 0)])
-    resumed = train(model, pre, fine, tc, uri, None, off, tmp_path / "cut", resume=True).model
-    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, pre, fine, tc, uri, None, off, tmp_path / "ck", callbacks=[_StopAt(1, 0)])
+    pre = dataclasses.replace(pre, epochs=then)
+    m = train(model, pre, fine, tc, uri, None, off, tmp_path / "ck", resume=True).model
+    assert torch.allclose(m.encoders[0].weight, 20.0 * m.decoders[0].weight.T, rtol=1e-5, atol=1e-6)
