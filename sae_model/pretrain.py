@@ -181,8 +181,12 @@ def rbm_step(
         before_step()
     optimizer.step()
     # Keep the decoder the transpose of the RBM's weights (the unrolled net starts tied).
-    dec.weight.copy_((w_enc / c if c != 1.0 else w_enc).t())
-    return F.mse_loss(reconstruct_layer(model, layer, v0, visible_units), v0)
+    w = w_enc / c if c != 1.0 else w_enc
+    dec.weight.copy_(w.t())
+    # The updated RBM's reconstruction from the step's hidden probabilities (no second encoder pass),
+    # in the unscaled rows' units.
+    recon = visible(ph0)
+    return F.mse_loss(recon / c if c != 1.0 else recon, v0)
 
 
 @torch.no_grad()
