@@ -145,7 +145,7 @@ def rbm_step(
     """
     if visible_units not in ("model", "constrained_poisson"):
         raise ValueError(f"visible_units: unknown {visible_units!r}; choose model or constrained_poisson")
-    poisson = visible_units == "constrained_poisson" and layer == 0
+    poisson = _count_units(visible_units, layer)
     c = float(count_scale) if poisson else 1.0
     enc, dec = model.encoders[layer], model.decoders[layer]
     top = layer == model.depth - 1
@@ -162,8 +162,7 @@ def rbm_step(
         return p, (torch.rand(p.shape, device=p.device, generator=generator) < p).to(p.dtype)
 
     def visible(h: torch.Tensor) -> torch.Tensor:
-        pre = F.linear(h, w.t(), vb)
-        return model.dec_acts[layer](pre) if length is None else torch.softmax(pre, dim=1) * length
+        return _visible_mean(model, layer, F.linear(h, w.t(), vb), length)
 
     ph0, h = hidden(v)
     vk, phk = v, ph0
@@ -197,10 +196,19 @@ def reconstruct_layer(model: StackedAutoencoder, layer: int, v: torch.Tensor, vi
     the rates ``N * softmax`` as ``rbm_step`` defines them (for the unscaled rows: the encoder holds the
     count scale, the decoder does not). Same shape and dtype as ``v``."""
     h = model.enc_acts[layer](model.encoders[layer](v))
-    pre = model.decoders[layer](h)
-    if visible_units == "constrained_poisson" and layer == 0:
-        return torch.softmax(pre, dim=1) * v.sum(1, keepdim=True)
-    return model.dec_acts[layer](pre)
+    length = v.sum(1, keepdim=True) if _count_units(visible_units, layer) else None
+    return _visible_mean(model, layer, model.decoders[layer](h), length)
+
+
+def _count_units(visible_units: str, layer: int) -> bool:
+    """Whether level ``layer``'s visible units are constrained Poisson: only the data's own (level 0)."""
+    return visible_units == "constrained_poisson" and layer == 0
+
+
+def _visible_mean(model: StackedAutoencoder, layer: int, logits: torch.Tensor, length: torch.Tensor | None) -> torch.Tensor:
+    """The visible units' mean given their total input: the decoder's activation, or with ``length`` (each
+    row's total, (batch, 1)) the constrained Poisson rates ``length * softmax(logits)``."""
+    return model.dec_acts[layer](logits) if length is None else torch.softmax(logits, dim=1) * length
 
 
 def rbm_params(model: StackedAutoencoder, layer: int) -> list[torch.nn.Parameter]:

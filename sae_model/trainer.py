@@ -607,8 +607,8 @@ class Trainer:
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)
-                if self._counts_stage(stage) and bool((x < 0).any()):
-                    raise self._negative_inputs(int((x < 0).any(1).sum()), "validation")
+                if self._counts_stage(stage) and (negative := int((x < 0).any(1).sum())):
+                    raise self._negative_inputs(negative, "validation")
                 loss = F.mse_loss(reconstruct_layer(m, layer, x, self.pre.rbm_visible), x)
             total += float(loss) * xb.shape[0]
             count += xb.shape[0]
