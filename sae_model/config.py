@@ -266,6 +266,14 @@ class FinetuneConfig:
     # distributed); "global" = an exact kNN graph of all training rows built once, each step sampling
     # edges by affinity plus uniform rows (in-memory, single-process training only; O(n^2) to build).
     neighbor_graph: Literal["batch", "global"] = "batch"
+    # How a step samples the global graph: "edges" = edges drawn by affinity, both ends through the
+    # encoder, plus uniform rows for the repulsion; "rows" = a batch of rows, each with all its edges,
+    # whose other ends (and the repelling rows) are read from a bank of every training row's code,
+    # refreshed each epoch (more edges per encoder pass: the batch's rows carry all their graph).
+    graph_sampling: Literal["edges", "rows"] = "edges"
+    # t-SNE: the attraction term x this factor (1 = t-SNE; > 1 = exaggerated t-SNE, tighter clusters:
+    # Kobak & Berens 2019; Damrich et al. 2023 show UMAP-like maps at large factors).
+    tsne_exaggeration: Annotated[Float, Field(ge=1, le=1000)] = 1.0
 
     @model_validator(mode="after")
     def _cross_field(self) -> FinetuneConfig:
@@ -274,6 +282,8 @@ class FinetuneConfig:
         if self.lr_decay_after and self.lr_decay_after >= self.epochs:
             raise FieldError("lr_decay_after", f"must be < finetune.epochs = {self.epochs}, got {self.lr_decay_after} "
                              "(shortening a preset's epochs? set it too, or to 0 to decay from the first epoch)")
+        if self.graph_sampling == "rows" and not self.uses_global_graph:
+            raise FieldError("graph_sampling", "rows needs finetune.neighbor_graph=global with loss tsne or umap")
         if self.min_dist >= 3 * self.spread:
             raise FieldError("min_dist", f"must be < 3 * finetune.spread = {3 * self.spread}, got {self.min_dist}")
         return self

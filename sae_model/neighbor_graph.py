@@ -106,6 +106,11 @@ class NeighbourGraph:
         # Cumulative weights on the CPU: edges are drawn by a binary search, for any number of edges.
         self._head, self._tail = joint.indices().cpu()
         self._cum = torch.cumsum(joint.values().to(torch.float64).cpu(), dim=0)
+        # Row-wise (CSR) view for graph_sampling=rows: a coalesced COO is sorted by head.
+        self._crow = torch.zeros(self.n + 1, dtype=torch.long)
+        self._crow[1:] = torch.cumsum(torch.bincount(self._head, minlength=self.n), dim=0)
+        self._weight = joint.values().to(torch.float32).cpu()
+        self.mean_degree = float(self._cum[-1]) / self.n  # mean summed affinity of a row
 
     def batches(self, batch_size: int, seed: int) -> Iterator[GraphBatch]:
         """One epoch: ceil(n / batch_size) steps of ``batch_size // 2`` edges and as many uniform rows.
@@ -120,6 +125,37 @@ class NeighbourGraph:
             e = torch.searchsorted(self._cum, u, right=True).clamp_max(self._cum.numel() - 1)
             uniform = torch.randperm(self.n, generator=gen)[: min(half, self.n)]
             yield GraphBatch(self._head[e].to(self.device), self._tail[e].to(self.device), uniform.to(self.device))
+
+
+    def row_batches(self, batch_size: int, seed: int) -> Iterator[RowBatch]:
+        """One epoch of ``graph_sampling=rows``: every row once, in seeded random batches of
+        ``batch_size`` rows, each with all its edges (the graph's affinities, float32) and
+        ``batch_size`` uniformly drawn repelling rows.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        order = torch.randperm(self.n, generator=gen)
+        for s in range(0, self.n, batch_size):
+            rows = order[s : s + batch_size]
+            start, length = self._crow[rows], self._crow[rows + 1] - self._crow[rows]
+            seg = torch.repeat_interleave(torch.arange(rows.numel()), length)
+            offset = torch.cumsum(length, dim=0) - length
+            edge = start[seg] + torch.arange(seg.numel()) - offset[seg]
+            pool = torch.randint(0, self.n, (batch_size,), generator=gen)
+            yield RowBatch(*(t.to(self.device) for t in (rows, seg, self._tail[edge], self._weight[edge], pool)))
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One step of ``graph_sampling=rows``: ``rows`` (B,) through the encoder; their edges as
+    ``seg`` (E,, the head's position in ``rows``), ``tail`` (E,, row index) and ``weight`` (E,);
+    ``pool`` (M,) row indices drawn uniformly for the repulsion. Tails and pool are read from the
+    code bank."""
+
+    rows: torch.Tensor
+    seg: torch.Tensor
+    tail: torch.Tensor
+    weight: torch.Tensor
+    pool: torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -110,12 +110,13 @@ def tsne_affinities(x_batch: torch.Tensor, perplexity: float = 30.0) -> torch.Te
     return ((p_cond + p_cond.T) / (2.0 * n)).to(dtype)
 
 
-def tsne_loss(P: torch.Tensor, codes: torch.Tensor, dof: float = 1.0) -> torch.Tensor:
+def tsne_loss(P: torch.Tensor, codes: torch.Tensor, dof: float = 1.0, exaggeration: float = 1.0) -> torch.Tensor:
     """KL(P || Q), Q from a Student-t kernel with ``dof`` degrees of freedom on the codes.
 
     q_ij = (1 + |y_i - y_j|^2 / dof)^(-(dof + 1)/2) normalised over all i != j; computed in log
     space, so it is finite for coincident codes. van der Maaten (2009) suggests dof = code_dim - 1
-    for wide codes; dof = 1 is classic t-SNE.
+    for wide codes; dof = 1 is classic t-SNE. ``exaggeration`` > 1 multiplies the attraction
+    (-sum P log k; Kobak & Berens 2019); at 1 the value is the KL itself.
     """
     n = codes.shape[0]
     if P.shape != (n, n):
@@ -126,9 +127,9 @@ def tsne_loss(P: torch.Tensor, codes: torch.Tensor, dof: float = 1.0) -> torch.T
     eye = torch.eye(n, dtype=torch.bool, device=codes.device)
     log_kernel = -(dof + 1.0) / 2.0 * torch.log1p(_code_sq_dists(codes) / dof)
     log_kernel = log_kernel.masked_fill(eye, -math.inf)
-    log_q = log_kernel - torch.logsumexp(log_kernel.reshape(-1), dim=0)
-    log_q = log_q.masked_fill(eye, 0.0)  # P's diagonal is 0; avoid 0 * -inf
-    return (torch.special.xlogy(P, P) - P * log_q).sum()
+    log_norm = torch.logsumexp(log_kernel.reshape(-1), dim=0)
+    log_kernel = log_kernel.masked_fill(eye, 0.0)  # P's diagonal is 0; avoid 0 * -inf
+    return (torch.special.xlogy(P, P) - exaggeration * P * log_kernel).sum() + P.sum() * log_norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,13 +280,16 @@ def umap_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def tsne_edge_loss(z_head: torch.Tensor, z_tail: torch.Tensor, z_uniform: torch.Tensor, dof: float = 1.0) -> torch.Tensor:
+def tsne_edge_loss(
+    z_head: torch.Tensor, z_tail: torch.Tensor, z_uniform: torch.Tensor, dof: float = 1.0, exaggeration: float = 1.0
+) -> torch.Tensor:
     """KL(P || Q) up to P's constant entropy, from edges sampled in proportion to p_ij.
 
     KL = -sum_ij p_ij log k_ij + log sum_kl k_kl + const, with k the Student-t kernel: the first
     term is the mean of -log k over the sampled edges; the normaliser is estimated from all pairs
     of the uniformly drawn rows (the log of their mean kernel, scaled to all pairs; only the
-    gradient matters, and it is that of t-SNE's as the sample grows).
+    gradient matters, and it is that of t-SNE's as the sample grows). ``exaggeration`` multiplies
+    the attraction (Kobak & Berens 2019).
     """
     if z_head.shape != z_tail.shape or z_head.shape[0] == 0:
         raise ValueError(f"z_head/z_tail: need the same non-empty shape, got {tuple(z_head.shape)}, {tuple(z_tail.shape)}")
@@ -295,7 +299,7 @@ def tsne_edge_loss(z_head: torch.Tensor, z_tail: torch.Tensor, z_uniform: torch.
     if dof <= 0:
         raise ValueError(f"dof: must be > 0, got {dof}")
     power = -(dof + 1.0) / 2.0
-    attract = -(power * torch.log1p(((z_head - z_tail) ** 2).sum(dim=-1) / dof)).mean()
+    attract = -exaggeration * (power * torch.log1p(((z_head - z_tail) ** 2).sum(dim=-1) / dof)).mean()
     log_kernel = power * torch.log1p(_code_sq_dists(z_uniform) / dof)
     eye = torch.eye(m, dtype=torch.bool, device=z_uniform.device)
     log_norm = torch.logsumexp(log_kernel.masked_fill(eye, -math.inf).reshape(-1), dim=0) - math.log(m * (m - 1))
@@ -333,6 +337,87 @@ def umap_edge_loss(
 
 
 # --------------------------------------------------------------------------------------------
+# Row-sampled forms: a batch's rows with all their edges, the other ends from a bank of codes
+# --------------------------------------------------------------------------------------------
+
+
+def _row_pool_mask(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """(B, M) True where a pool row is the batch row itself: no pair."""
+    return rows[:, None] == pool[None, :]
+
+
+def tsne_row_loss(
+    z_rows: torch.Tensor,
+    seg: torch.Tensor,
+    z_tail: torch.Tensor,
+    weight: torch.Tensor,
+    z_pool: torch.Tensor,
+    self_pair: torch.Tensor,
+    dof: float = 1.0,
+    exaggeration: float = 1.0,
+) -> torch.Tensor:
+    """t-SNE's KL(P || Q) for a batch of rows, up to constants, with the other ends held fixed.
+
+    ``z_rows`` (B, d) are the batch's codes (with gradient); edge e joins row ``seg[e]`` to a code
+    ``z_tail[e]`` (E, d) read from the bank, with affinity ``weight[e]`` = n p_ij (a row of the joint
+    P scaled to sum ~1); ``z_pool`` (M, d) are uniformly drawn bank codes and ``self_pair`` (B, M)
+    masks a row's pairing with itself. Loss = exaggeration x mean_i sum_j n p_ij (-log k_ij) +
+    log mean_{i, j in pool} k_ij, with k the Student-t kernel of ``dof``: its gradient in y_i is
+    half t-SNE's dKL/dy_i (exactly so when the batch and the pool are all n rows), the repulsion
+    estimated from the pool (van der Maaten 2009 for the parametric map; exaggeration as in Kobak &
+    Berens 2019). Raises ValueError on empty inputs or dof <= 0.
+    """
+    b = z_rows.shape[0]
+    if b == 0 or z_pool.shape[0] == 0 or int((~self_pair).sum()) == 0:
+        raise ValueError("tsne_row_loss: needs at least one row and one other pool row")
+    if dof <= 0:
+        raise ValueError(f"dof: must be > 0, got {dof}")
+    power = -(dof + 1.0) / 2.0
+    neg_log_k = -power * torch.log1p(((z_rows[seg] - z_tail) ** 2).sum(dim=-1) / dof)
+    attract = exaggeration * (weight.to(neg_log_k.dtype) * neg_log_k).sum() / b
+    d2 = ((z_rows[:, None, :] - z_pool[None, :, :]) ** 2).sum(dim=-1)
+    log_kernel = (power * torch.log1p(d2 / dof)).masked_fill(self_pair, -math.inf)
+    log_norm = torch.logsumexp(log_kernel.reshape(-1), dim=0) - math.log(int((~self_pair).sum()))
+    return attract + log_norm
+
+
+def umap_row_loss(
+    z_rows: torch.Tensor,
+    seg: torch.Tensor,
+    z_tail: torch.Tensor,
+    weight: torch.Tensor,
+    z_pool: torch.Tensor,
+    self_pair: torch.Tensor,
+    a: float,
+    b: float,
+    negative_sample_rate: int = 5,
+    mean_degree: float = 1.0,
+) -> torch.Tensor:
+    """UMAP's cross-entropy for a batch of rows, with the other ends held fixed.
+
+    Shapes as :func:`tsne_row_loss`; ``weight`` are the fuzzy graph's memberships. Row i attracts
+    with sum_j w_ij (-log q_ij) and is repelled with ``negative_sample_rate`` x w_i x the mean of
+    -log(1 - q) over the pool, w_i = sum_j w_ij: the expectation of UMAP's edge-sampling SGD with that
+    many negative samples per edge (McInnes et al. 2018), divided by B x ``mean_degree`` (the mean
+    w_i of the whole graph) so that it is on :func:`umap_edge_loss`'s per-edge scale.
+    """
+    n_rows = z_rows.shape[0]
+    if n_rows == 0:
+        raise ValueError("umap_row_loss: needs at least one row")
+    if negative_sample_rate < 0:
+        raise ValueError(f"negative_sample_rate: must be >= 0, got {negative_sample_rate}")
+    w = weight.to(z_rows.dtype)
+    total = (w * F.softplus(_log_a_d2b(z_rows[seg], z_tail, a, b))).sum()
+    valid = ~self_pair
+    if negative_sample_rate > 0 and bool(valid.any()):
+        w_row = torch.zeros(n_rows, dtype=w.dtype, device=w.device).index_add_(0, seg, w)
+        repel = F.softplus(-_log_a_d2b(z_rows[:, None, :], z_pool[None, :, :], a, b)) * valid
+        mean_repel = repel.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
+        total = total + negative_sample_rate * (w_row * mean_repel).sum()
+    return total / (n_rows * mean_degree)
+
+
+# --------------------------------------------------------------------------------------------
 # One entry point for the fine-tuning loop
 # --------------------------------------------------------------------------------------------
 
@@ -346,8 +431,8 @@ def neighbor_loss(
 ) -> torch.Tensor:
     """Neighbour loss of a batch's codes given its inputs.
 
-    ``cfg_like`` is any object (e.g. ``FinetuneConfig``) read with defaults: ``perplexity`` (30)
-    and ``tsne_dof`` (1.0) for t-SNE; ``n_neighbors`` (15), ``min_dist`` (0.1), ``spread`` (1.0)
+    ``cfg_like`` is any object (e.g. ``FinetuneConfig``) read with defaults: ``perplexity`` (30),
+    ``tsne_dof`` (1.0) and ``tsne_exaggeration`` (1.0) for t-SNE; ``n_neighbors`` (15), ``min_dist`` (0.1), ``spread`` (1.0)
     and ``negative_sample_rate`` (5) for UMAP.
     """
 
@@ -358,7 +443,7 @@ def neighbor_loss(
         raise ValueError(f"codes: {codes.shape[0]} rows but x_batch has {x_batch.shape[0]}")
     if kind == "tsne":
         P = tsne_affinities(x_batch, float(opt("perplexity", 30.0)))
-        return tsne_loss(P, codes, dof=float(opt("tsne_dof", 1.0)))
+        return tsne_loss(P, codes, dof=float(opt("tsne_dof", 1.0)), exaggeration=float(opt("tsne_exaggeration", 1.0)))
     if kind == "umap":
         graph = umap_fuzzy_graph(x_batch, int(opt("n_neighbors", 15)))
         a, b = umap_ab(float(opt("min_dist", 0.1)), float(opt("spread", 1.0)))

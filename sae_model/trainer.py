@@ -35,8 +35,15 @@ from sae_model.callbacks import Callback
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource, StreamingSource, epoch_seed, open_source, read_labels, read_split
 from sae_model.model import StackedAutoencoder, init_weights
-from sae_model.neighbor_graph import GraphBatch, NeighbourGraph
-from sae_model.neighbor_loss import neighbor_loss, tsne_edge_loss, umap_ab, umap_edge_loss
+from sae_model.neighbor_graph import GraphBatch, NeighbourGraph, RowBatch
+from sae_model.neighbor_loss import (
+    neighbor_loss,
+    tsne_edge_loss,
+    tsne_row_loss,
+    umap_ab,
+    umap_edge_loss,
+    umap_row_loss,
+)
 from sae_model.pretrain import (
     DecoderBiasInit,
     autoencoder_step,
@@ -262,13 +269,53 @@ def graph_loss(
         zf = z.float()
         zh, zt, zu = zf[:e], zf[e : 2 * e], zf[2 * e :]
         if cfg.loss == "tsne":
-            loss = tsne_edge_loss(zh, zt, zu, cfg.tsne_dof)
+            loss = tsne_edge_loss(zh, zt, zu, cfg.tsne_dof, cfg.tsne_exaggeration)
         else:
             a, b = umap_ab(cfg.min_dist, cfg.spread)
             loss = umap_edge_loss(zh, zt, zu, a, b, cfg.negative_sample_rate, generator)
     if cfg.recon_weight > 0:
         loss = loss + cfg.recon_weight * reconstruction_loss(model, x[2 * e :], z[2 * e :], bce=False)
     return loss, rows.numel()
+
+
+def row_graph_loss(
+    model: StackedAutoencoder,
+    x_train: torch.Tensor,
+    batch: RowBatch,
+    bank: torch.Tensor,
+    graph: NeighbourGraph,
+    cfg: FinetuneConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, int]:
+    """The neighbour loss of one ``graph_sampling=rows`` step, and its row count.
+
+    The batch's rows go through the encoder (with ``cfg.corruption`` masking noise); their edges'
+    other ends and the repelling pool are read from ``bank`` ((n, code) float32, no gradient), which
+    then takes the rows' new codes. ``cfg.recon_weight`` adds the rows' MSE reconstruction.
+    """
+    x = x_train[batch.rows]
+    z = model.encode(corrupt(x, cfg.corruption, generator))
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zf = z.float()
+        z_tail, z_pool = bank[batch.tail], bank[batch.pool]
+        self_pair = batch.rows[:, None] == batch.pool[None, :]
+        if cfg.loss == "tsne":
+            loss = tsne_row_loss(zf, batch.seg, z_tail, batch.weight, z_pool, self_pair, cfg.tsne_dof,
+                                 cfg.tsne_exaggeration)
+        else:
+            a, b = umap_ab(cfg.min_dist, cfg.spread)
+            loss = umap_row_loss(zf, batch.seg, z_tail, batch.weight, z_pool, self_pair, a, b,
+                                 cfg.negative_sample_rate, graph.mean_degree)
+        bank[batch.rows] = zf.detach()
+    if cfg.recon_weight > 0:
+        loss = loss + cfg.recon_weight * reconstruction_loss(model, x, z, bce=False)
+    return loss, batch.rows.numel()
+
+
+@torch.no_grad()
+def encode_all(model: StackedAutoencoder, x: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Codes (n, code) float32 of all rows ``x`` (n, d), in blocks, without gradient or noise."""
+    return torch.cat([model.encode(x[s : s + block]).float() for s in range(0, x.shape[0], block)])
 
 
 # ---------------------------------------------------------------- the trainer
@@ -477,7 +524,14 @@ class Trainer:
         counts = self._counts_stage(stage)
         negative = torch.zeros((), device=self.device, dtype=torch.long)
         graph = self._graph() if stage.kind == "finetune" else None
-        batches = self._batches(stage, seed) if graph is None else graph.batches(stage.batch_size, seed)
+        bank = None
+        if graph is None:
+            batches = self._batches(stage, seed)
+        elif self.fine.graph_sampling == "rows":
+            bank = encode_all(m, self.source.train)  # the epoch's codes; each step refreshes its rows
+            batches = graph.row_batches(stage.batch_size, seed)
+        else:
+            batches = graph.batches(stage.batch_size, seed)
         for xb, scale in self._lockstep(batches):
             sync = None if not self.distributed else functools.partial(self._sync_grads, scale)
             if xb is None:  # nothing here this step: join the all-reduce with zero gradients
@@ -492,6 +546,8 @@ class Trainer:
                 with self._autocast():
                     if isinstance(xb, GraphBatch):  # row indices of sampled edges and uniform rows
                         loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
+                    elif isinstance(xb, RowBatch):  # rows with all their edges, the rest from the bank
+                        loss, n = row_graph_loss(m, self.source.train, xb, bank, graph, self.fine, gen)
                     else:
                         # Neighbour losses: affinities within this rank's part of the global batch.
                         loss, n = finetune_loss(m, xb, bce, self.fine, gen), xb.shape[0]

@@ -16,8 +16,12 @@ from sae_model.neighbor_loss import (
     tsne_affinities,
     tsne_edge_loss,
     tsne_loss,
+    tsne_row_loss,
+    umap_ab,
     umap_edge_loss,
     umap_fuzzy_graph,
+    umap_loss,
+    umap_row_loss,
 )
 
 
@@ -136,3 +140,93 @@ def test_umap_edge_loss_by_hand():
     q_neg = 1.0 / (1.0 + a * 9.0**b)
     got = umap_edge_loss(zh, zt, far, a, b, 3, generator=torch.Generator().manual_seed(0))
     assert float(got) == pytest.approx(-math.log(q_pos) - 3 * math.log(1.0 - q_neg))
+
+
+# ---- graph_sampling=rows: a batch of rows with all their edges, the other ends from a code bank
+
+
+def test_row_batches_cover_every_row_once_with_all_its_edges():
+    x = _points(70, 4, seed=5)
+    g = NeighbourGraph(x, "umap", SimpleNamespace(n_neighbors=6))
+    batches = list(g.row_batches(16, seed=3))
+    assert len(batches) == math.ceil(70 / 16)
+    rows = torch.cat([b.rows for b in batches])
+    assert torch.equal(torch.sort(rows).values, torch.arange(70))  # each row once per epoch
+    dense = torch.zeros(70, 70)
+    for b in batches:
+        dense.index_put_((b.rows[b.seg], b.tail), b.weight, accumulate=True)
+        assert b.pool.numel() == 16 and int(b.pool.min()) >= 0 and int(b.pool.max()) < 70
+    torch.testing.assert_close(dense, g.joint.to_dense().float())  # every edge, its weight, once
+    again = list(g.row_batches(16, seed=3))
+    assert all(torch.equal(a.rows, b.rows) and torch.equal(a.pool, b.pool) for a, b in zip(again, batches, strict=True))
+    assert not torch.equal(next(iter(g.row_batches(16, seed=4))).rows, batches[0].rows)
+    assert g.mean_degree == pytest.approx(float(g.joint.values().sum()) / 70)
+
+
+def _all_rows(g: NeighbourGraph):  # noqa: ANN202
+    """One batch of every row in order, with every other row as the pool."""
+    b = next(iter(g.row_batches(g.n, seed=0)))
+    order = torch.argsort(b.rows)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(g.n)
+    return rank[b.seg], b.rows[order], b.tail, b.weight
+
+
+@pytest.mark.parametrize("exaggeration", [1.0, 4.0])
+def test_tsne_row_loss_gradient_is_half_the_tsne_gradient(exaggeration):
+    """Every row in the batch, all rows in the pool: d(row loss)/dy_i = 1/2 dKL/dy_i (t-SNE's
+    gradient, van der Maaten 2009), with the attraction x the exaggeration."""
+    x = _points(30, 5, seed=6)
+    g = NeighbourGraph(x, "tsne", SimpleNamespace(perplexity=10.0))  # 30 neighbours: all other rows
+    seg, rows, tail, weight = _all_rows(g)
+    codes = torch.randn(30, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = codes.clone().requires_grad_(True)
+    pool = torch.arange(30)
+    loss = tsne_row_loss(y, seg, codes[tail], weight.double() * 30 / float(g.joint.values().sum()), codes,
+                         rows[:, None] == pool[None, :], exaggeration=exaggeration)
+    loss.backward()
+    P = g.joint.to_dense().double()
+    P = P / P.sum()
+    d2 = torch.cdist(codes, codes) ** 2
+    k = 1.0 / (1.0 + d2)
+    k.fill_diagonal_(0.0)
+    q = k / k.sum()
+    diff = codes[:, None, :] - codes[None, :, :]
+    want = 4.0 * (((exaggeration * P - q) * k)[:, :, None] * diff).sum(dim=1)  # dKL/dy, exaggerated
+    torch.testing.assert_close(y.grad, want / 2.0)
+    # the same on the dense form: tsne_loss's gradient (both ends move there) is twice the row loss's
+    z = codes.clone().requires_grad_(True)
+    tsne_loss(P, z, exaggeration=exaggeration).backward()
+    torch.testing.assert_close(z.grad, want)
+
+
+def test_tsne_row_loss_by_hand_and_refuses_an_empty_pool():
+    z = torch.tensor([[0.0, 0.0]])
+    tail, pool = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # d^2 2; pool d^2 1, self
+    self_pair = torch.tensor([[False, True]])
+    got = tsne_row_loss(z, torch.tensor([0]), tail, torch.tensor([2.0]), pool, self_pair, exaggeration=3.0)
+    # 3 x 2 x log(1 + 2) + log k(1) = 6 log 3 - log 2
+    assert float(got) == pytest.approx(6 * math.log(3) - math.log(2))
+    with pytest.raises(ValueError, match="pool"):
+        tsne_row_loss(z, torch.tensor([0]), tail, torch.tensor([2.0]), pool[1:], self_pair[:, 1:])
+
+
+def test_umap_row_loss_is_the_graph_loss_over_all_rows():
+    """With every row in the batch: the attraction equals umap_loss's over the whole graph, and the
+    repulsion is negative_sample_rate x w_i x the mean -log(1 - q) over the other rows."""
+    x = _points(25, 3, seed=8)
+    g = NeighbourGraph(x, "umap", SimpleNamespace(n_neighbors=6))
+    seg, rows, tail, weight = _all_rows(g)
+    codes = torch.randn(25, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    a, b = umap_ab(0.1, 1.0)
+    pool = torch.arange(25)
+    self_pair = rows[:, None] == pool[None, :]
+    attract = umap_row_loss(codes, seg, codes[tail], weight.double(), codes, self_pair, a, b, 0, g.mean_degree)
+    dense = g.joint.to_dense().double()
+    torch.testing.assert_close(attract, umap_loss(dense, codes, a, b, 0))
+    both = umap_row_loss(codes, seg, codes[tail], weight.double(), codes, self_pair, a, b, 3, g.mean_degree)
+    q = 1.0 / (1.0 + a * (torch.cdist(codes, codes) ** 2) ** b)
+    rep = -torch.log1p(-q.clamp_max(1 - 1e-12))
+    rep.fill_diagonal_(0.0)
+    want = 3 * (dense.sum(dim=1) * rep.sum(dim=1) / 24).sum() / dense.sum()
+    torch.testing.assert_close(both - attract, want)
