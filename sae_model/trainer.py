@@ -517,6 +517,7 @@ class Trainer:
         total = torch.zeros((), device=self.device, dtype=torch.float64)  # summed on the device:
         count = torch.zeros((), device=self.device, dtype=torch.float64)  # one host sync per epoch
         bce = self.fine.loss == "bce"
+        fine_cfg = self.fine.at_epoch(epoch)
         opt = self.optimizer
         rbm = stage.kind == "pretrain" and self.pre.method == "rbm"
         # The constrained Poisson unit's rates are shares of a row's total: a negative input has no
@@ -545,12 +546,12 @@ class Trainer:
             if stage.kind == "finetune":
                 with self._autocast():
                     if isinstance(xb, GraphBatch):  # row indices of sampled edges and uniform rows
-                        loss, n = graph_loss(m, self.source.train, xb, self.fine, gen)
+                        loss, n = graph_loss(m, self.source.train, xb, fine_cfg, gen)
                     elif isinstance(xb, RowBatch):  # rows with all their edges, the rest from the bank
-                        loss, n = row_graph_loss(m, self.source.train, xb, bank, graph, self.fine, gen)
+                        loss, n = row_graph_loss(m, self.source.train, xb, bank, graph, fine_cfg, gen)
                     else:
                         # Neighbour losses: affinities within this rank's part of the global batch.
-                        loss, n = finetune_loss(m, xb, bce, self.fine, gen), xb.shape[0]
+                        loss, n = finetune_loss(m, xb, bce, fine_cfg, gen), xb.shape[0]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if sync is not None:
@@ -647,8 +648,9 @@ class Trainer:
                 dist.broadcast(t, src=0)
 
     @torch.no_grad()
-    def evaluate(self, stage: Stage | None) -> float:
-        """Validation loss of ``stage`` (its shallow autoencoder, or the whole net; None = whole net, MSE)."""
+    def evaluate(self, stage: Stage | None, epoch: int | None = None) -> float:
+        """Validation loss of ``stage`` (its shallow autoencoder, or the whole net; None = whole net, MSE), with
+        fine-tuning's settings of ``epoch`` (``FinetuneConfig.at_epoch``)."""
         m = self.model
         m.eval()
         total, count = 0.0, 0
@@ -659,7 +661,7 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.tc.seed)
         for xb in self.source.batches("val", size, shuffle=False):
             if stage is None or stage.kind == "finetune":
-                loss = finetune_loss(m, xb, bce and fine, self.fine if fine else None, gen, train=False)
+                loss = finetune_loss(m, xb, bce and fine, self.fine.at_epoch(epoch) if fine else None, gen, train=False)
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)
@@ -700,7 +702,7 @@ class Trainer:
                 t0 = time.monotonic()
                 self._decay_lr(stage, epoch)
                 train_loss = self.train_epoch(stage, epoch)
-                val_loss = self.evaluate(stage)
+                val_loss = self.evaluate(stage, epoch)
                 # No validation rows (train.val_fraction=0) gives a NaN validation loss: not a divergence.
                 val_ok = math.isfinite(val_loss) or (math.isnan(val_loss) and self._val_rows == 0)
                 if not (math.isfinite(train_loss) and val_ok):

@@ -479,3 +479,33 @@ def test_loss_curves_of_a_negative_neighbour_loss_plot_without_warnings(tmp_path
         out = loss_curves_png(history, tmp_path / "loss_curves.png")
     with Image.open(out) as img:
         assert img.width == 2 * 320 and img.height == 300  # two panels of 3.2 x 3 in at 100 dpi
+
+
+@pytest.mark.parametrize("sampling", ["edges", "rows"])
+def test_reconstruction_term_joins_after_recon_weight_after(sampling, tmp_path):
+    """finetune.recon_weight_after=2: the decoder is untouched (not run) in epochs 1-2 and trained from 3."""
+    from sae_model.callbacks import Callback
+    from sae_model.data import InMemorySource
+    from sae_model.trainer import Trainer
+
+    class Decoders(Callback):
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def on_epoch_end(self, trainer, stage, record) -> None:  # noqa: ANN001
+            self.seen.append(torch.cat([p.detach().flatten().clone() for p in trainer.model.decoders.parameters()]))
+
+    x, _ = manifold(200, 8)
+    model = build_model(ModelConfig(layers=[8, 4, 2]), seed=0)
+    before = torch.cat([p.detach().flatten().clone() for p in model.decoders.parameters()])
+    fine = FinetuneConfig(epochs=3, loss="umap", recon_weight=1.0, recon_weight_after=2, optimizer="adam", lr=0.01,
+                          neighbor_batch_size=50, n_neighbors=5, neighbor_graph="global", graph_sampling=sampling)
+    assert fine.at_epoch(1).recon_weight == 0.0 and fine.at_epoch(2) is fine and fine.at_epoch(None) is fine
+    seen = Decoders()
+    source = InMemorySource(np.arange(200, dtype=np.int64), x, 0.1, torch.device("cpu"))
+    Trainer(model, PretrainConfig(method="none"), fine, TrainConfig(progress=False), source, torch.device("cpu"),
+            tmp_path / "ck", callbacks=[seen]).fit()
+    assert torch.equal(seen.seen[0], before) and torch.equal(seen.seen[1], before)
+    assert not torch.equal(seen.seen[2], before)
+    history = [h for h in ckpt.load_meta(tmp_path / "ck")["history"] if h["stage_name"] == "finetune"]
+    assert all(np.isfinite(h["val_loss"]) for h in history)
