@@ -287,7 +287,8 @@ class FinetuneConfig:
             raise FieldError("lr_decay_after", f"must be < finetune.epochs = {self.epochs}, got {self.lr_decay_after} "
                              "(shortening a preset's epochs? set it too, or to 0 to decay from the first epoch)")
         if self.recon_weight_after and self.recon_weight_after >= self.epochs:
-            raise FieldError("recon_weight_after", f"must be < finetune.epochs = {self.epochs}, got {self.recon_weight_after}")
+            raise FieldError("recon_weight_after", f"must be < finetune.epochs = {self.epochs}, got {self.recon_weight_after} "
+                             "(shortening a preset's epochs? set it too, or to 0 for the term from the first epoch)")
         if self.recon_weight_after and not (self.is_neighbor_loss and self.recon_weight > 0):
             raise FieldError("recon_weight_after", "needs finetune.recon_weight > 0 with loss tsne or umap")
         if self.graph_sampling == "rows" and not self.uses_global_graph:
