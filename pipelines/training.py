@@ -111,6 +111,11 @@ def train_from_config(
             f"train.distributed.num_processes={dist_cfg.num_processes}: distributed training needs a "
             "SparkSession, and none was passed in"
         )
+    if dist_cfg.num_processes > 1 and cfg.finetune.uses_global_graph:
+        raise ConfigError(
+            f"train.distributed.num_processes={dist_cfg.num_processes}: finetune.neighbor_graph=global needs every "
+            "training row in one process; use finetune.neighbor_graph=batch or train.distributed.num_processes=1"
+        )
     ingest = ingest or pin(cfg.paths.root, "ingest")
     request = TrainRequest(
         model_cfg=cfg.model,

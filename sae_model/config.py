@@ -291,6 +291,8 @@ class FinetuneConfig:
                              "(shortening a preset's epochs? set it too, or to 0 for the term from the first epoch)")
         if self.recon_weight_after and not (self.is_neighbor_loss and self.recon_weight > 0):
             raise FieldError("recon_weight_after", "needs finetune.recon_weight > 0 with loss tsne or umap")
+        if self.tsne_exaggeration != 1.0 and self.loss != "tsne":
+            raise FieldError("tsne_exaggeration", f"only applies to finetune.loss=tsne, not {self.loss}")
         if self.graph_sampling == "rows" and not self.uses_global_graph:
             raise FieldError("graph_sampling", "rows needs finetune.neighbor_graph=global with loss tsne or umap")
         if self.min_dist >= 3 * self.spread:

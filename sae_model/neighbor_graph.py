@@ -130,7 +130,8 @@ class NeighbourGraph:
     def row_batches(self, batch_size: int, seed: int) -> Iterator[RowBatch]:
         """One epoch of ``graph_sampling=rows``: every row once, in seeded random batches of
         ``batch_size`` rows, each with all its edges (the graph's affinities, float32) and
-        ``batch_size`` uniformly drawn repelling rows.
+        min(``batch_size``, n) repelling rows, each drawn uniformly from the rows other than one batch
+        row (taken in turn), so that no batch's pool is only the batch itself.
         """
         gen = torch.Generator(device="cpu").manual_seed(seed)
         order = torch.randperm(self.n, generator=gen)
@@ -140,7 +141,9 @@ class NeighbourGraph:
             seg = torch.repeat_interleave(torch.arange(rows.numel()), length)
             offset = torch.cumsum(length, dim=0) - length
             edge = start[seg] + torch.arange(seg.numel()) - offset[seg]
-            pool = torch.randint(0, self.n, (batch_size,), generator=gen)
+            m = min(batch_size, self.n)
+            anchor = rows[torch.arange(m) % rows.numel()]
+            pool = (anchor + torch.randint(1, self.n, (m,), generator=gen)) % self.n
             yield RowBatch(*(t.to(self.device) for t in (rows, seg, self._tail[edge], self._weight[edge], pool)))
 
 

@@ -203,12 +203,17 @@ def build_model(model_cfg: ModelConfig, seed: int) -> StackedAutoencoder:
     return model
 
 
-def make_optimizer(params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], kind: str, lr: float, momentum: float, wd: float, grads_join_later: bool = False
+) -> torch.optim.Optimizer:
     """Adam when ``kind`` is "adam", else SGD with ``momentum``; ``wd`` is the L2 weight decay. Fused when
-    every parameter is float32/float64 on CPU or CUDA."""
+    every parameter is float32/float64 on CPU or CUDA, except SGD when ``grads_join_later`` (some
+    parameters get their first gradient after others have momentum)."""
     # Fused: one multi-threaded pass over all parameters instead of a Python loop of small kernels
-    # per tensor (0.6 ms of a 23 ms step for 1128-1000-500-250-2 on two cores).
+    # per tensor (0.6 ms of a 23 ms step for 1128-1000-500-250-2 on two cores). torch's fused SGD
+    # fails (TypeError) on a step where some parameters have a momentum buffer and others not yet.
     fused = all(q.dtype in (torch.float32, torch.float64) and q.device.type in ("cpu", "cuda") for q in params)
+    fused = fused and not (grads_join_later and kind != "adam")
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused or None)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, fused=fused or None)
@@ -358,7 +363,7 @@ class Trainer:
         self.graph: NeighbourGraph | None = None
         if finetune_cfg.uses_global_graph:
             if source.streaming or self.distributed:
-                raise ValueError(
+                raise TrainingError(
                     "finetune.neighbor_graph=global needs every training row in one process: the in-memory "
                     "data path (raise train.in_memory_max_mb) and train.distributed.num_processes=1; "
                     "use finetune.neighbor_graph=batch for streamed or distributed training"
@@ -409,7 +414,9 @@ class Trainer:
             opt = make_optimizer([w], c.optimizer, lr * self._count_scale(stage), c.momentum, c.weight_decay)
             opt.add_param_group({"params": biases, "lr": lr})
             return opt
-        return make_optimizer(params, c.optimizer, lr * scale, c.momentum, c.weight_decay / scale)
+        # The decoder's first gradient comes with the reconstruction term (finetune.recon_weight_after).
+        later = stage.kind == "finetune" and self.fine.recon_weight_after > 0
+        return make_optimizer(params, c.optimizer, lr * scale, c.momentum, c.weight_decay / scale, grads_join_later=later)
 
     def _decay_lr(self, stage: Stage, epoch: int) -> None:
         """finetune.lr_decay: this epoch's rate, a function of the epoch alone (resume-safe)."""
@@ -494,7 +501,10 @@ class Trainer:
         """The global neighbour graph, built on first use (and again after a resume: it is exact)."""
         if self.graph is None and self.fine.uses_global_graph:
             t0 = time.monotonic()
-            self.graph = NeighbourGraph(self.source.train, self.fine.loss, self.fine)
+            try:
+                self.graph = NeighbourGraph(self.source.train, self.fine.loss, self.fine)
+            except ValueError as exc:  # too few training rows for a graph: a setting that cannot train
+                raise TrainingError(str(exc)) from exc
             log.info("neighbour graph: %d edges in %.1fs", self.graph.n_edges, time.monotonic() - t0)
         return self.graph
 

@@ -156,11 +156,19 @@ def test_row_batches_cover_every_row_once_with_all_its_edges():
     for b in batches:
         dense.index_put_((b.rows[b.seg], b.tail), b.weight, accumulate=True)
         assert b.pool.numel() == 16 and int(b.pool.min()) >= 0 and int(b.pool.max()) < 70
+        assert (b.pool != b.rows[torch.arange(16) % b.rows.numel()]).all()  # each drawn against one batch row
     torch.testing.assert_close(dense, g.joint.to_dense().float())  # every edge, its weight, once
     again = list(g.row_batches(16, seed=3))
     assert all(torch.equal(a.rows, b.rows) and torch.equal(a.pool, b.pool) for a, b in zip(again, batches, strict=True))
     assert not torch.equal(next(iter(g.row_batches(16, seed=4))).rows, batches[0].rows)
     assert g.mean_degree == pytest.approx(float(g.joint.values().sum()) / 70)
+    assert next(iter(g.row_batches(1000, seed=0))).pool.numel() == 70  # never more repelling rows than rows
+    # Three rows in batches of two: the last batch is one row, and its pool is never only itself
+    # (a pool of the row alone has no pair to estimate t-SNE's normaliser from).
+    tiny = NeighbourGraph(_points(3, 2), "tsne", SimpleNamespace(perplexity=1.0))
+    for seed in range(200):
+        last = list(tiny.row_batches(2, seed=seed))[-1]
+        assert last.rows.numel() == 1 and (last.pool != last.rows[0]).all()
 
 
 def _all_rows(g: NeighbourGraph):  # noqa: ANN202

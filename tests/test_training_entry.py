@@ -68,3 +68,6 @@ def test_one_process_needs_no_session_and_many_do(features_root):
     assert needs_spark(one, ["publish"])
     with pytest.raises(ConfigError, match=r"train.distributed.num_processes=4: distributed training needs a SparkSession"):
         train_from_config(many, None)
+    graph = tiny_cfg(features_root, "train.distributed.num_processes=2", "finetune.loss=umap", "finetune.neighbor_graph=global")
+    with pytest.raises(ConfigError, match=r"num_processes=2: finetune.neighbor_graph=global needs every training row in one"):
+        train_from_config(graph, object())  # refused before any process starts
