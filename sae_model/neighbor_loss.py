@@ -341,11 +341,6 @@ def umap_edge_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def _row_pool_mask(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """(B, M) True where a pool row is the batch row itself: no pair."""
-    return rows[:, None] == pool[None, :]
-
-
 def tsne_row_loss(
     z_rows: torch.Tensor,
     seg: torch.Tensor,
@@ -368,7 +363,8 @@ def tsne_row_loss(
     Berens 2019). Raises ValueError on empty inputs or dof <= 0.
     """
     b = z_rows.shape[0]
-    if b == 0 or z_pool.shape[0] == 0 or int((~self_pair).sum()) == 0:
+    pairs = int((~self_pair).sum())
+    if b == 0 or z_pool.shape[0] == 0 or pairs == 0:
         raise ValueError("tsne_row_loss: needs at least one row and one other pool row")
     if dof <= 0:
         raise ValueError(f"dof: must be > 0, got {dof}")
@@ -377,7 +373,7 @@ def tsne_row_loss(
     attract = exaggeration * (weight.to(neg_log_k.dtype) * neg_log_k).sum() / b
     d2 = ((z_rows[:, None, :] - z_pool[None, :, :]) ** 2).sum(dim=-1)
     log_kernel = (power * torch.log1p(d2 / dof)).masked_fill(self_pair, -math.inf)
-    log_norm = torch.logsumexp(log_kernel.reshape(-1), dim=0) - math.log(int((~self_pair).sum()))
+    log_norm = torch.logsumexp(log_kernel.reshape(-1), dim=0) - math.log(pairs)
     return attract + log_norm
 
 
