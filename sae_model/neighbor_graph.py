@@ -126,7 +126,6 @@ class NeighbourGraph:
             uniform = torch.randperm(self.n, generator=gen)[: min(half, self.n)]
             yield GraphBatch(self._head[e].to(self.device), self._tail[e].to(self.device), uniform.to(self.device))
 
-
     def row_batches(self, batch_size: int, seed: int) -> Iterator[RowBatch]:
         """One epoch of ``graph_sampling=rows``: every row once, in seeded random batches of
         ``batch_size`` rows, each with all its edges (the graph's affinities, float32) and

@@ -669,9 +669,10 @@ class Trainer:
         # A neighbour loss is validated on batches of the training size: its value depends on it.
         size = self.fine.effective_batch_size if fine and self.fine.is_neighbor_loss else 4096
         gen = torch.Generator(device=self.device).manual_seed(self.tc.seed)
+        fine_cfg = self.fine.at_epoch(epoch) if fine else None
         for xb in self.source.batches("val", size, shuffle=False):
             if stage is None or stage.kind == "finetune":
-                loss = finetune_loss(m, xb, bce and fine, self.fine.at_epoch(epoch) if fine else None, gen, train=False)
+                loss = finetune_loss(m, xb, bce and fine, fine_cfg, gen, train=False)
             else:
                 layer = stage.layer
                 x = inputs_for_layer(m, xb, layer)
