@@ -538,7 +538,7 @@ class Trainer:
         bank = None
         if graph is None:
             batches = self._batches(stage, seed)
-        elif self.fine.graph_sampling == "rows":
+        elif fine_cfg.graph_sampling == "rows":
             bank = encode_all(m, self.source.train)  # the epoch's codes; each step refreshes its rows
             batches = graph.row_batches(stage.batch_size, seed)
         else:

@@ -82,6 +82,9 @@ RANGE_CHECKS = [
     ("finetune.tsne_exaggeration=1001", "finetune.tsne_exaggeration", "finetune.loss=tsne finetune.tsne_exaggeration=1000"),
     ("finetune.loss=umap finetune.graph_sampling=rows", "finetune.graph_sampling",
      "finetune.loss=umap finetune.graph_sampling=rows finetune.neighbor_graph=global"),
+    ("finetune.loss=umap finetune.neighbor_graph=global finetune.formation_sampling=edges", "finetune.formation_sampling",
+     "finetune.loss=umap finetune.neighbor_graph=global finetune.formation_sampling=edges finetune.epochs=5 "
+     "finetune.recon_weight=1 finetune.recon_weight_after=2"),
     ("finetune.loss=tsne finetune.loss_reduction=sum", "finetune.loss_reduction", "finetune.loss=mse finetune.loss_reduction=sum"),
     ("train.distributed.num_processes=0", "train.distributed.num_processes", "train.distributed.num_processes=1"),
     ("train.distributed.timeout_s=0", "train.distributed.timeout_s", "train.distributed.timeout_s=1"),

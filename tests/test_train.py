@@ -481,6 +481,44 @@ def test_loss_curves_of_a_negative_neighbour_loss_plot_without_warnings(tmp_path
         assert img.width == 2 * 320 and img.height == 300  # two panels of 3.2 x 3 in at 100 dpi
 
 
+def test_formation_sampling_switches_at_recon_weight_after(tmp_path, monkeypatch):
+    """finetune.formation_sampling=edges with graph_sampling=rows: epochs 1-2 sample edges (no
+    reconstruction term), epoch 3 on reads rows against the bank, with the term."""
+    from sae_model import trainer as trainer_mod
+    from sae_model.callbacks import Callback
+    from sae_model.data import InMemorySource
+    from sae_model.trainer import Trainer
+
+    steps: list[tuple[str, float]] = []
+    for name in ("graph_loss", "row_graph_loss"):
+        real = getattr(trainer_mod, name)
+
+        def spy(*args, _real=real, _name=name):  # noqa: ANN002, ANN202
+            steps.append((_name, args[-2].recon_weight))  # (..., cfg, generator)
+            return _real(*args)
+
+        monkeypatch.setattr(trainer_mod, name, spy)
+
+    class Epochs(Callback):
+        def __init__(self) -> None:
+            self.kinds: list[set[tuple[str, float]]] = []
+
+        def on_epoch_end(self, trainer, stage, record) -> None:  # noqa: ANN001
+            self.kinds.append(set(steps))
+            steps.clear()
+
+    x, _ = manifold(200, 8)
+    fine = FinetuneConfig(epochs=4, loss="umap", recon_weight=2.0, recon_weight_after=2, optimizer="adam", lr=0.01,
+                          neighbor_batch_size=50, n_neighbors=5, neighbor_graph="global", graph_sampling="rows",
+                          formation_sampling="edges")
+    assert fine.at_epoch(1).graph_sampling == "edges" and fine.at_epoch(2).graph_sampling == "rows"
+    seen = Epochs()
+    source = InMemorySource(np.arange(200, dtype=np.int64), x, 0.1, torch.device("cpu"))
+    Trainer(build_model(ModelConfig(layers=[8, 4, 2]), seed=0), PretrainConfig(method="none"), fine,
+            TrainConfig(progress=False), source, torch.device("cpu"), tmp_path / "ck", callbacks=[seen]).fit()
+    assert seen.kinds == [{("graph_loss", 0.0)}] * 2 + [{("row_graph_loss", 2.0)}] * 2
+
+
 # SGD with momentum: the decoder's first gradients arrive when the encoder already has momentum buffers
 # (torch's fused SGD fails on that step; make_optimizer then does not fuse).
 @pytest.mark.parametrize(("sampling", "optimizer"), [("edges", "adam"), ("rows", "sgd")])
