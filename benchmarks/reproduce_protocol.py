@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = ["mnist_protocol_30", "mnist_protocol"]
 QUICK_ROWS = {"train": 3000, "test": 1000}
-QUICK = ["pretrain.epochs=1", "finetune.epochs=2", "finetune.lr_decay_after=0", "finetune.recon_weight_after=0", "evaluate.max_items=1000", "evaluate.max_fit_items=5000"]
+QUICK = ["pretrain.epochs=1", "finetune.epochs=2", "finetune.lr_decay_after=0", "finetune.recon_weight_after=0", "finetune.formation_sampling=null", "evaluate.max_items=1000", "evaluate.max_fit_items=5000"]
 SPLIT = ["train.split_column=split", "train.train_value=train"]
 
 HINTON = "Hinton & Salakhutdinov 2006"
