@@ -19,6 +19,7 @@ from typing import Any
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines.alignment import Alignment
 from pipelines.config import Config, InferConfig, tracking_uri
@@ -38,13 +39,21 @@ def codes_table(
     infer: InferConfig,
     scored_at: datetime,
     alignment: Alignment | None = None,
+    reference: tuple[str, str, str] | None = None,
 ) -> DataFrame:
     """The CODES table of the Parquet table at ``features_path``: item_id, code, x/y for 2-D codes,
     model provenance and scoring time.
 
-    ``alignment`` (``pipelines.alignment``) is applied to the code before x/y are taken from it.
+    ``reference`` = (items path, split column, training value): the items outside the training split
+    are placed against the training items' map (:func:`placed_codes`, ``infer.placement=refine``).
+    ``alignment`` (``pipelines.alignment``) is applied to the code after that, before x/y are taken
+    from it.
     """
     scored = score_parquet(spark, features_path, model, layer=-1, batch_rows=infer.batch_size, threads=infer.torch_threads)
+    if reference is not None:
+        items_path, split_column, train_value = reference
+        scored = placed_codes(scored, spark.read.parquet(features_path), spark.read.parquet(items_path), split_column,
+                              train_value, seed=infer.seed)
     if alignment is not None:
         scored = scored.withColumn("code", aligned_code(F.col("code"), alignment))
     two_d = F.size("code") == 2
@@ -61,6 +70,52 @@ def codes_table(
         ),
         CODES,
     )
+
+
+def placed_codes(
+    scored: DataFrame, features: DataFrame, items: DataFrame, split_column: str, train_value: str, seed: int = 0
+) -> DataFrame:
+    """``scored`` (item_id, code) with the codes of the items whose ``split_column`` in ``items`` is not
+    ``train_value`` refined against the training items' codes (``sae_model.placement.refine_split``:
+    umap-learn's ``transform``, McInnes et al. 2018, started from the encoder's codes); the training
+    items keep theirs. ``features``: the FEATURES table (item_id, features) the codes were scored from.
+
+    Runs on the driver: every item's features and code are collected (float32, items x (dim + code
+    width)) and the exact kNN of the new items among the training ones is computed there, so it is
+    meant for the tens of thousands of items of a document or catalogue map. Raises ``ValueError``
+    when ``items`` lacks ``split_column`` or no item has ``train_value``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from sae_model.placement import refine_split
+
+    if split_column not in items.columns:
+        raise ValueError(f"infer.placement=refine: items/ has no column {split_column!r} (train.split_column)")
+    is_ref = items.select("item_id", (F.col(split_column).cast("string") == F.lit(train_value)).alias("_reference"))
+    rows = (
+        scored.select("item_id", "code")
+        .join(features.select("item_id", "features"), "item_id")
+        .join(is_ref.groupBy("item_id").agg(F.max("_reference").alias("_reference")), "item_id", "left")
+        .select("item_id", "code", "features", F.coalesce("_reference", F.lit(False)).alias("_reference"))
+        .toPandas()
+        .sort_values("item_id", kind="stable")  # the same rows in the same order: the same placement on a rerun
+    )
+    reference = rows["_reference"].to_numpy(dtype=bool)
+    if not reference.any():
+        raise ValueError(f"infer.placement=refine: no scored item has {split_column} == {train_value!r} "
+                         "(train.train_value): nothing to place the others against")
+    t0 = time.perf_counter()
+    x = np.stack(rows["features"].to_numpy()).astype(np.float32)
+    codes = refine_split(x, np.stack(rows["code"].to_numpy()), reference, seed=seed)
+    log.info("placed %d items against the map of %d training items (%.1f s)", int((~reference).sum()),
+             int(reference.sum()), time.perf_counter() - t0)
+    out = pd.DataFrame({"item_id": rows["item_id"].to_numpy(dtype=np.int64), "code": list(codes)})
+    # Elements declared non-null as CODES has them (Spark will not cast array<float> with nulls allowed
+    # to one without).
+    schema = T.StructType([T.StructField("item_id", T.LongType(), False),
+                           T.StructField("code", T.ArrayType(T.FloatType(), False), False)])
+    return scored.sparkSession.createDataFrame(out, schema=schema)
 
 
 def aligned_code(code: F.Column, alignment: Alignment) -> F.Column:
@@ -89,6 +144,7 @@ def predict_batch(
     alignment: Alignment | None = None,
     publish: dict[str, Any] | None = None,
     ingest: Pinned | None = None,
+    split: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score every item under ``root``/features, publish codes/ and neighbors/, write and log maps.
 
@@ -97,6 +153,8 @@ def predict_batch(
     :func:`pipelines.publish.publishing` (``keep``, ``protect_models``, ``meta`` such as ``job``);
     the model version and the ingest version scored are always recorded in the history.
     ``ingest``: the version of the ingest set to score (default: the current one, resolved once here).
+    ``split``: (``train.split_column``, ``train.train_value``), needed by ``infer.placement=refine``
+    (raises ``ValueError`` without it).
 
     Returns a summary: table paths, row count, neighbour method, recall (approximate methods, or
     measured anyway for ``grid``), map paths and timings.
@@ -111,10 +169,16 @@ def predict_batch(
     meta = {"job": "infer", **opts.pop("meta", {}), "model_version": model.version, "ingest_version": ingest.version}
     with publishing(root, ["codes", "neighbors"], spark, meta=meta, **opts) as pub:
         codes_path = pub.staging("codes")
-        codes_table(spark, features_path, model, infer, scored_at, alignment).write.parquet(codes_path)
+        reference = None
+        if infer.placement == "refine":
+            if not split or not split[0]:
+                raise ValueError("infer.placement=refine needs train.split_column: the training items to place against")
+            reference = (ingest.path("items"), *split)
+        codes_table(spark, features_path, model, infer, scored_at, alignment, reference).write.parquet(codes_path)
         codes = spark.read.parquet(codes_path)
         summary["items"] = codes.count()
         summary["code_width"] = len(codes.select("code").first()[0]) if summary["items"] else 0
+        summary["placement"] = infer.placement
         summary["scoring_s"] = round(time.perf_counter() - t0, 2)
         if infer.layer == -1:
             vectors = codes.select("item_id", "code")
@@ -190,7 +254,8 @@ def infer_from_config(
     with pinned_model(spark, cfg, model_uri or cfg.infer.model_uri) as model:
         refuse_unhealthy(model.run_id, model.uri, force or cfg.infer.force)
         publish = {"keep": cfg.publish.keep, "meta": {"job": "infer", "config_hash": cfg.hash()}}
-        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish)
+        summary = predict_batch(spark, model, cfg.paths.root, cfg.infer, publish=publish,
+                                split=(cfg.train.split_column, cfg.train.train_value))
     summary["tracking_uri"] = mlflow.get_tracking_uri()
     return summary
 

@@ -581,7 +581,8 @@ def score_and_publish(
     }
     with pinned_model(spark, cfg, uri) as model:
         summary = predict_batch(
-            spark, model, cfg.paths.root, cfg.infer, log_maps=True, alignment=al, publish=publish, ingest=data
+            spark, model, cfg.paths.root, cfg.infer, log_maps=True, alignment=al, publish=publish, ingest=data,
+            split=(cfg.train.split_column, cfg.train.train_value),
         )
     return {
         "model_uri": uri,

@@ -56,6 +56,8 @@ def test_umap_preset_uses_the_global_graph_on_the_mnist_stack():
         ("train.reader_cache_mb=-1", "train.reader_cache_mb"),
         ("finetune.corruption=1.5", "finetune.corruption"),
         ("justakey", "expected dotted.key=value"),
+        ("infer.placement=refine", "infer.placement: refine .* needs train.split_column"),
+        ("infer.placement=umap", "infer.placement"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, match):

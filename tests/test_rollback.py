@@ -37,7 +37,7 @@ def stub_scoring(monkeypatch):
     def resolve_model(uri, *a, **k):
         return ResolvedModel(uri=uri, run_id=None, version=uri.rsplit("/", 1)[1])
 
-    def predict_batch(spark, model, root, infer, log_maps=True, alignment=None, publish=None, ingest=None):
+    def predict_batch(spark, model, root, infer, log_maps=True, alignment=None, publish=None, ingest=None, split=None):
         opts = dict(publish or {})
         meta = {**opts.pop("meta", {}), "model_version": model.version}
         with publishing(root, ["codes", "neighbors"], spark, meta=meta, **opts) as pub:

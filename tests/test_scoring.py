@@ -118,3 +118,38 @@ def test_rerunning_inference_with_the_same_model_reproduces_the_tables(spark, lo
     assert len(tables[0][0]) == 500 and len(tables[0][1]) == 500 * 4
     for first, second in zip(tables[0], tables[1], strict=True):
         assert first.equals(second)
+
+
+def test_refine_placement_moves_only_the_items_outside_the_training_split(spark, logged, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sae_model.placement import refine_split
+
+    tmp, x, model, info = logged
+    root = tmp_path / "root"
+    shutil.copytree(tmp / "root", root, symlinks=True)
+    items = pq.read_table(root / "items")
+    ids = items.column("item_id").to_numpy()
+    train = (ids // 7) % 5 != 0  # every fifth item is a new one
+    pq.write_table(items.append_column("split", pa.array(np.where(train, "train", "test"))), root / "items" / "part-0.parquet")
+    resolved = resolve_model(info.model_uri, download_to=str(tmp_path / "m"))
+    infer = InferConfig(k=4, map_max_points=0, recall_sample=0, placement="refine")
+    with pytest.raises(ValueError, match="needs train.split_column"):
+        predict_batch(spark, resolved, str(root), infer, log_maps=False)
+    summary = predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("split", "train"))
+    assert summary["placement"] == "refine" and summary["items"] == 500
+    got = pq.read_table(root / "codes").to_pandas().sort_values("item_id")
+    codes = np.stack(got["code"].to_numpy())
+    enc = Encoder(model).encode(x)  # write_inputs' rows are in item-id order
+    np.testing.assert_allclose(codes[train], enc[train], atol=1e-5, rtol=0)
+    assert np.abs(codes[~train] - enc[~train]).max() > 1e-3
+    np.testing.assert_allclose(codes[~train], refine_split(x, enc, train)[~train], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["x"].to_numpy(), codes[:, 0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no scored item has split == 'validation'"):
+        predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("split", "validation"))
+    # The failed run published nothing: the codes are the placed ones still.
+    after = pq.read_table(root / "codes").to_pandas().sort_values("item_id")
+    np.testing.assert_array_equal(np.stack(after["code"].to_numpy()), codes)
