@@ -40,6 +40,7 @@ from sae_model.callbacks import Callback
 from sae_model.config import FinetuneConfig, ModelConfig, PretrainConfig, TrainConfig
 from sae_model.data import InMemorySource
 from sae_model.evaluation import PCA, continuity, trustworthiness
+from sae_model.placement import refine_codes
 from sae_model.trainer import Trainer, build_model
 
 log = logging.getLogger("protocol")
@@ -127,6 +128,7 @@ class Scorer:
         self.x_tr, self.y_tr, self.x_te, self.y_te = x_tr, y_tr, x_te, y_te
         self.sample = np.sort(np.random.default_rng(0).choice(len(x_tr), size=min(max_items, len(x_tr)), replace=False))
         self.exact = exact
+        self.place = False
         self.nb_tr = self.nb_te = None
 
     def codes(self, codes_tr: np.ndarray, codes_te: np.ndarray, recon_te: np.ndarray | None = None) -> dict[str, float]:
@@ -160,7 +162,13 @@ class Scorer:
 
         codes_te = enc(self.x_te)
         recon = m.decode(torch.from_numpy(codes_te)).numpy()
-        out = self.codes(enc(self.x_tr), codes_te, recon)
+        codes_tr = enc(self.x_tr)
+        out = self.codes(codes_tr, codes_te, recon)
+        if self.place:  # the test codes refined against the training map, as `infer.placement=refine`
+            t0 = time.perf_counter()
+            placed = self.codes(codes_tr, refine_codes(self.x_te, codes_te, self.x_tr, codes_tr))
+            out.update({f"placed_{k}": v for k, v in placed.items() if k in ("knn5", "knn1", "trust_test", "cont_test")})
+            out["placed_seconds"] = time.perf_counter() - t0
         m.train()
         return out
 
@@ -250,6 +258,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init", type=Path, default=None,
                    help="start fine-tuning from this state dict (a model-TAG-EPOCH.pt of --out), not from pretraining")
+    p.add_argument("--place", action="store_true",
+                   help="also score the test codes refined against the training map (sae_model.placement)")
     p.add_argument("--exact", action="store_true", help="trust/continuity by sae_model.evaluation (float64, slow)")
     p.add_argument("--rows", type=int, default=0, help="smoke check: only the first ROWS training/test images")
     p.add_argument("--baselines", nargs="*", default=None, help="pca and/or umap: score them and stop")
@@ -268,6 +278,7 @@ def main() -> None:
     if args.rows:
         x_tr, y_tr, x_te, y_te = x_tr[: args.rows], y_tr[: args.rows], x_te[: args.rows], y_te[: args.rows]
     scorer = Scorer(x_tr, y_tr, x_te, y_te, exact=args.exact)
+    scorer.place = args.place
 
     def record(row: dict) -> None:
         log.info("%s", row)
