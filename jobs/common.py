@@ -45,7 +45,8 @@ config keys (set in YAML or as dotted key=value overrides):
   finetune.*         epochs, lr, batch_size, loss (mse|bce|tsne|umap), recon_weight, neighbor_batch_size, ...
   train.*            seed, val_fraction, device (auto|cpu|cuda), split_column + train_value (train only on the
                      items/ rows whose column equals train_value; sae evaluate scores the rest), ...
-  infer.*            model_uri, k, metric, layer, method, force (publish a model marked unhealthy)
+  infer.*            model_uri, k, metric, layer, method, force (publish a model marked unhealthy),
+                     placement (encoder|refine: place the items outside train.split_column against the training map)
   evaluate.*         k_knn, k_tw, max_items, max_fit_items, seed, umap, after_train
   mlflow.*           tracking_uri, experiment, registered_model
   nightly.*          date, warm_start, metric, margin, align, align_scaling (sae nightly)

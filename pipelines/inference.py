@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.alignment import Alignment
-from pipelines.config import Config, InferConfig, tracking_uri
+from pipelines.config import Config, ConfigError, InferConfig, tracking_uri
 from pipelines.maps import MAP_NEIGHBOURS, map_data, write_maps
 from pipelines.neighbors import recall_at_k, top_k_neighbors
 from pipelines.publish import Pinned, is_local, local_path, pin, publishing
@@ -72,6 +72,23 @@ def codes_table(
     )
 
 
+def reference_items(items: DataFrame, split_column: str, train_value: str) -> DataFrame:
+    """(item_id, _reference: bool) of ``items``, one row per item: whether its ``split_column`` (as a
+    string) is ``train_value``, the training items ``infer.placement=refine`` places the others against.
+
+    Raises ``sae_model.config.ConfigError`` when ``items`` lacks the column or no item has the value
+    (one small Spark query), so a job can check before it scores anything."""
+    if split_column not in items.columns:
+        raise ConfigError(f"train.split_column: items/ has no column {split_column!r} to take the training items "
+                          f"from (infer.placement=refine); columns: {', '.join(items.columns)}")
+    is_ref = (F.col(split_column).cast("string") == F.lit(train_value)).alias("_reference")
+    out = items.select("item_id", is_ref).groupBy("item_id").agg(F.max("_reference").alias("_reference"))
+    if not out.where("_reference").limit(1).count():
+        raise ConfigError(f"train.train_value: no item has {split_column} == {train_value!r}: nothing to place the "
+                          "others against (infer.placement=refine)")
+    return out
+
+
 def placed_codes(
     scored: DataFrame, features: DataFrame, items: DataFrame, split_column: str, train_value: str, seed: int = 0
 ) -> DataFrame:
@@ -82,29 +99,27 @@ def placed_codes(
 
     Runs on the driver: every item's features and code are collected (float32, items x (dim + code
     width)) and the exact kNN of the new items among the training ones is computed there, so it is
-    meant for the tens of thousands of items of a document or catalogue map. Raises ``ValueError``
-    when ``items`` lacks ``split_column`` or no item has ``train_value``.
+    meant for the tens of thousands of items of a document or catalogue map. Raises
+    ``sae_model.config.ConfigError`` (a ``ValueError``; the job prints ``config error: ...`` and exits
+    2, nothing published) when ``items`` lacks ``split_column`` or no item has ``train_value``.
     """
     import numpy as np
     import pandas as pd
 
     from sae_model.placement import refine_split
 
-    if split_column not in items.columns:
-        raise ValueError(f"infer.placement=refine: items/ has no column {split_column!r} (train.split_column)")
-    is_ref = items.select("item_id", (F.col(split_column).cast("string") == F.lit(train_value)).alias("_reference"))
     rows = (
         scored.select("item_id", "code")
         .join(features.select("item_id", "features"), "item_id")
-        .join(is_ref.groupBy("item_id").agg(F.max("_reference").alias("_reference")), "item_id", "left")
+        .join(reference_items(items, split_column, train_value), "item_id", "left")
         .select("item_id", "code", "features", F.coalesce("_reference", F.lit(False)).alias("_reference"))
         .toPandas()
         .sort_values("item_id", kind="stable")  # the same rows in the same order: the same placement on a rerun
     )
     reference = rows["_reference"].to_numpy(dtype=bool)
     if not reference.any():
-        raise ValueError(f"infer.placement=refine: no scored item has {split_column} == {train_value!r} "
-                         "(train.train_value): nothing to place the others against")
+        raise ConfigError(f"train.train_value: no scored item has {split_column} == {train_value!r}: nothing to "
+                          "place the others against (infer.placement=refine)")
     t0 = time.perf_counter()
     x = np.stack(rows["features"].to_numpy()).astype(np.float32)
     codes = refine_split(x, np.stack(rows["code"].to_numpy()), reference, seed=seed)
@@ -154,7 +169,7 @@ def predict_batch(
     the model version and the ingest version scored are always recorded in the history.
     ``ingest``: the version of the ingest set to score (default: the current one, resolved once here).
     ``split``: (``train.split_column``, ``train.train_value``), needed by ``infer.placement=refine``
-    (raises ``ValueError`` without it).
+    (raises ``sae_model.config.ConfigError`` without it).
 
     Returns a summary: table paths, row count, neighbour method, recall (approximate methods, or
     measured anyway for ``grid``), map paths and timings.
@@ -172,8 +187,9 @@ def predict_batch(
         reference = None
         if infer.placement == "refine":
             if not split or not split[0]:
-                raise ValueError("infer.placement=refine needs train.split_column: the training items to place against")
+                raise ConfigError("infer.placement: refine needs train.split_column: the training items to place against")
             reference = (ingest.path("items"), *split)
+            reference_items(spark.read.parquet(reference[0]), *split)  # bad settings fail before scoring
         codes_table(spark, features_path, model, infer, scored_at, alignment, reference).write.parquet(codes_path)
         codes = spark.read.parquet(codes_path)
         summary["items"] = codes.count()

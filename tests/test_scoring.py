@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipelines.config import InferConfig
+from pipelines.config import ConfigError, InferConfig
 from pipelines.inference import predict_batch
 from pipelines.scoring import parquet_row_groups, score, score_parquet
 from sae_model.loading import Encoder
@@ -137,7 +137,7 @@ def test_refine_placement_moves_only_the_items_outside_the_training_split(spark,
     pq.write_table(items.append_column("split", pa.array(np.where(train, "train", "test"))), root / "items" / "part-0.parquet")
     resolved = resolve_model(info.model_uri, download_to=str(tmp_path / "m"))
     infer = InferConfig(k=4, map_max_points=0, recall_sample=0, placement="refine")
-    with pytest.raises(ValueError, match="needs train.split_column"):
+    with pytest.raises(ConfigError, match="infer.placement: refine needs train.split_column"):
         predict_batch(spark, resolved, str(root), infer, log_maps=False)
     summary = predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("split", "train"))
     assert summary["placement"] == "refine" and summary["items"] == 500
@@ -148,8 +148,11 @@ def test_refine_placement_moves_only_the_items_outside_the_training_split(spark,
     assert np.abs(codes[~train] - enc[~train]).max() > 1e-3
     np.testing.assert_allclose(codes[~train], refine_split(x, enc, train)[~train], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["x"].to_numpy(), codes[:, 0], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="no scored item has split == 'validation'"):
+    # Settings naming no training items fail before anything is scored, as config errors (exit 2).
+    with pytest.raises(ConfigError, match="train.train_value: no item has split == 'validation'"):
         predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("split", "validation"))
-    # The failed run published nothing: the codes are the placed ones still.
+    with pytest.raises(ConfigError, match="train.split_column: items/ has no column 'fold'"):
+        predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("fold", "train"))
+    # The failed runs published nothing: the codes are the placed ones still.
     after = pq.read_table(root / "codes").to_pandas().sort_values("item_id")
     np.testing.assert_array_equal(np.stack(after["code"].to_numpy()), codes)
