@@ -101,7 +101,8 @@ def placed_codes(
     width)) and the exact kNN of the new items among the training ones is computed there, so it is
     meant for the tens of thousands of items of a document or catalogue map. Raises
     ``sae_model.config.ConfigError`` (a ``ValueError``; the job prints ``config error: ...`` and exits
-    2, nothing published) when ``items`` lacks ``split_column`` or no item has ``train_value``.
+    2, nothing published) when ``items`` lacks ``split_column``, when no item has ``train_value`` or
+    when too few do (``sae_model.placement.refine_codes``'s checks).
     """
     import numpy as np
     import pandas as pd
@@ -122,7 +123,10 @@ def placed_codes(
                           "place the others against (infer.placement=refine)")
     t0 = time.perf_counter()
     x = np.stack(rows["features"].to_numpy()).astype(np.float32)
-    codes = refine_split(x, np.stack(rows["code"].to_numpy()), reference, seed=seed)
+    try:
+        codes = refine_split(x, np.stack(rows["code"].to_numpy()), reference, seed=seed)
+    except ValueError as exc:  # e.g. a training split of a handful of items: too few to place against
+        raise ConfigError(f"infer.placement: refine: {exc}") from exc
     log.info("placed %d items against the map of %d training items (%.1f s)", int((~reference).sum()),
              int(reference.sum()), time.perf_counter() - t0)
     out = pd.DataFrame({"item_id": rows["item_id"].to_numpy(dtype=np.int64), "code": list(codes)})

@@ -55,8 +55,9 @@ def refine_codes(
     Memory: the exact kNN reads the reference in row blocks (``sae_model.knn``); the optimisation
     holds m x n_neighbors x (1 + negative_sample_rate) code pairs per block of 65,536 rows.
 
-    Raises ``ValueError`` when the arrays' shapes disagree, when there are no reference items, or when
-    ``n_neighbors`` < 1, ``epochs`` < 0 or ``lr`` <= 0.
+    Raises ``ValueError`` when the arrays' shapes disagree, when there are ``n_neighbors`` reference items
+    or fewer, when an array holds NaN or infinity, or when ``n_neighbors`` < 1, ``epochs`` < 0 or ``lr``
+    <= 0; ``FloatingPointError`` if a step diverges (a far too large ``lr``).
     """
     x_new, x_ref = np.asarray(x_new), np.asarray(x_ref)
     codes_new = np.asarray(codes_new, dtype=np.float32)
@@ -70,14 +71,19 @@ def refine_codes(
     if x_new.shape[1] != x_ref.shape[1] or codes_new.shape[1] != codes_ref.shape[1]:
         raise ValueError(f"new and reference items must have the same widths: inputs {x_new.shape[1]} vs "
                          f"{x_ref.shape[1]}, codes {codes_new.shape[1]} vs {codes_ref.shape[1]}")
-    if len(x_ref) == 0:
-        raise ValueError("x_ref: no reference items to place the new ones against")
     if n_neighbors < 1 or epochs < 0 or not lr > 0:
         raise ValueError(f"need n_neighbors >= 1, epochs >= 0 and lr > 0, got {n_neighbors}, {epochs}, {lr}")
+    if len(x_ref) <= n_neighbors:
+        # Fewer and the random repelling items are the item's own neighbours: it is pushed off the map.
+        raise ValueError(f"x_ref: {len(x_ref)} reference items; placing against a map needs more than "
+                         f"n_neighbors = {n_neighbors}")
+    for name, a in (("x_new", x_new), ("codes_new", codes_new), ("x_ref", x_ref), ("codes_ref", codes_ref)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: holds NaN or infinite values")
     m, n = len(x_new), len(x_ref)
     if m == 0 or epochs == 0:
         return codes_new.copy()
-    k = min(n_neighbors, n)
+    k = n_neighbors
     # Ids that never collide: a new item is not excluded from its own neighbours as topk would do.
     nb, nb_d = topk(-1 - np.arange(m, dtype=np.int64), x_new, np.arange(n, dtype=np.int64), x_ref, k)
     w = umap_weights_from_knn(torch.from_numpy(nb_d), k).to(torch.float32)

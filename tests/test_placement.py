@@ -76,7 +76,10 @@ def test_refine_split_keeps_the_reference_rows():
         ((np.zeros((3, 4)), np.zeros((2, 2)), np.zeros((5, 4)), np.zeros((5, 2))), "as many rows"),
         ((np.zeros((3, 4)), np.zeros((3, 2)), np.zeros((5, 3)), np.zeros((5, 2))), "same widths"),
         ((np.zeros((3, 4)), np.zeros((3, 2)), np.zeros((5, 4)), np.zeros((5, 3))), "same widths"),
-        ((np.zeros((3, 4)), np.zeros((3, 2)), np.zeros((0, 4)), np.zeros((0, 2))), "no reference items"),
+        ((np.zeros((3, 4)), np.zeros((3, 2)), np.zeros((0, 4)), np.zeros((0, 2))), "0 reference items"),
+        ((np.zeros((3, 4)), np.zeros((3, 2)), np.zeros((15, 4)), np.zeros((15, 2))), "needs more than n_neighbors = 15"),
+        ((np.zeros((3, 4)), np.full((3, 2), np.nan), np.zeros((20, 4)), np.zeros((20, 2))), "codes_new: holds NaN"),
+        ((np.zeros((3, 4)), np.zeros((3, 2)), np.full((20, 4), np.inf), np.zeros((20, 2))), "x_ref: holds NaN"),
         ((np.zeros(3), np.zeros((3, 2)), np.zeros((5, 4)), np.zeros((5, 2))), "2-D array"),
     ],
 )
