@@ -76,16 +76,23 @@ def reference_items(items: DataFrame, split_column: str, train_value: str) -> Da
     """(item_id, _reference: bool) of ``items``, one row per item: whether its ``split_column`` (as a
     string) is ``train_value``, the training items ``infer.placement=refine`` places the others against.
 
-    Raises ``sae_model.config.ConfigError`` when ``items`` lacks the column or no item has the value
-    (one small Spark query), so a job can check before it scores anything."""
+    Raises ``sae_model.config.ConfigError`` when ``items`` lacks the column or when no item, or too few
+    to place against (``sae_model.placement.N_NEIGHBORS`` or fewer), has the value (one small Spark
+    query), so a job can check before it scores anything."""
     if split_column not in items.columns:
         raise ConfigError(f"train.split_column: items/ has no column {split_column!r} to take the training items "
                           f"from (infer.placement=refine); columns: {', '.join(items.columns)}")
     is_ref = (F.col(split_column).cast("string") == F.lit(train_value)).alias("_reference")
+    from sae_model.placement import N_NEIGHBORS
+
     out = items.select("item_id", is_ref).groupBy("item_id").agg(F.max("_reference").alias("_reference"))
-    if not out.where("_reference").limit(1).count():
+    found = out.where("_reference").limit(N_NEIGHBORS + 1).count()
+    if not found:
         raise ConfigError(f"train.train_value: no item has {split_column} == {train_value!r}: nothing to place the "
                           "others against (infer.placement=refine)")
+    if found <= N_NEIGHBORS:
+        raise ConfigError(f"train.train_value: only {found} items have {split_column} == {train_value!r}; placing "
+                          f"against their map needs more than {N_NEIGHBORS} (infer.placement=refine)")
     return out
 
 

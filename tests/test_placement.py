@@ -47,6 +47,21 @@ def test_items_already_well_placed_stay_near_their_cluster():
     assert np.linalg.norm(placed - c_new, axis=1).max() < 3.0
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_placement_does_not_depend_on_the_maps_units(scale):
+    # A map of radius ~0.1 or ~1,000 is the same map: new items land at the same places relative to it
+    # (once, a map of radius 1 pushed them onto a ring outside it).
+    x_ref, c_ref, _, corners = _blobs(9)
+    x_new, c_new, y_new, _ = _blobs(9, n_per=10)
+    base = refine_codes(x_new, c_new, x_ref, c_ref)
+    placed = refine_codes(x_new, c_new * scale, x_ref, c_ref * scale)
+    np.testing.assert_allclose(placed / scale, base, rtol=1e-3, atol=1e-3)
+    assert (_nearest_corner(placed / scale, corners) == y_new).all()
+    # Every placed item ends within the map: as near a reference code as reference codes are to each other.
+    gap = np.sqrt(((placed[:, None] - c_ref[None] * scale) ** 2).sum(-1)).min(1)
+    assert gap.max() < 2.0 * scale
+
+
 def test_seeded_deterministic_and_inputs_untouched():
     x_ref, c_ref, _, _ = _blobs(4)
     x_new, c_new, _, _ = _blobs(5, n_per=5)
@@ -90,6 +105,6 @@ def test_bad_shapes_raise(args, message):
 
 def test_bad_settings_raise():
     x, c, _, _ = _blobs(8, n_per=3)
-    for kw in ({"n_neighbors": 0}, {"epochs": -1}, {"lr": 0.0}):
+    for kw in ({"n_neighbors": 0}, {"epochs": -1}, {"lr": 0.0}, {"lr": np.inf}, {"unit": 0.0}):
         with pytest.raises(ValueError, match="n_neighbors >= 1"):
             refine_codes(x, c, x, c, **kw)

@@ -155,7 +155,7 @@ def test_refine_placement_moves_only_the_items_outside_the_training_split(spark,
         predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("fold", "train"))
     few = np.where(np.isin(ids, ids[:10]), "train", "test")  # 10 training items: fewer than the 15 neighbours
     pq.write_table(items.append_column("fold", pa.array(few)), root / "items" / "part-0.parquet")
-    with pytest.raises(ConfigError, match="infer.placement: refine: x_ref: 10 reference items"):
+    with pytest.raises(ConfigError, match="only 10 items have fold == 'train'; placing against their map needs more than 15"):
         predict_batch(spark, resolved, str(root), infer, log_maps=False, split=("fold", "train"))
     # The failed runs published nothing: the codes are the placed ones still.
     after = pq.read_table(root / "codes").to_pandas().sort_values("item_id")
