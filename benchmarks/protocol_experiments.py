@@ -124,11 +124,11 @@ class Scorer:
     """The protocol's measures of one model (or of given codes) on a fixed split."""
 
     def __init__(self, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, max_items: int = 10000,
-                 exact: bool = False) -> None:
+                 exact: bool = False, place: bool = False) -> None:
         self.x_tr, self.y_tr, self.x_te, self.y_te = x_tr, y_tr, x_te, y_te
         self.sample = np.sort(np.random.default_rng(0).choice(len(x_tr), size=min(max_items, len(x_tr)), replace=False))
         self.exact = exact
-        self.place = False
+        self.place = place
         self.nb_tr = self.nb_te = None
 
     def codes(self, codes_tr: np.ndarray, codes_te: np.ndarray, recon_te: np.ndarray | None = None) -> dict[str, float]:
@@ -277,8 +277,7 @@ def main() -> None:
     x_tr, y_tr, x_te, y_te = load_root(args.root, args.train_value) if args.root else load_split(args.data)
     if args.rows:
         x_tr, y_tr, x_te, y_te = x_tr[: args.rows], y_tr[: args.rows], x_te[: args.rows], y_te[: args.rows]
-    scorer = Scorer(x_tr, y_tr, x_te, y_te, exact=args.exact)
-    scorer.place = args.place
+    scorer = Scorer(x_tr, y_tr, x_te, y_te, exact=args.exact, place=args.place)
 
     def record(row: dict) -> None:
         log.info("%s", row)

@@ -134,9 +134,10 @@ def main() -> None:
         t0 = time.perf_counter()
         codes = fit(x, train)
         secs = time.perf_counter() - t0
-        if name.split()[0] in trained:
-            ae_s = trained[name.split()[0]][1]
-            secs = None if ae_s is None else ae_s + (secs if name not in trained else 0.0)
+        model = name.removesuffix(" placed")  # a placed map: its model's training plus the placement
+        if model in trained:
+            ae_s = trained[model][1]
+            secs = None if ae_s is None else ae_s + (secs if model != name else 0.0)
         acc = knn_classifier_accuracy(codes[train], y[train], codes[test], y[test], k=5)
         t1 = time.perf_counter()
         tw = [trustworthiness(xs, codes[sample], k=k) for k in (5, 12)]

@@ -396,9 +396,9 @@ class InferConfig:
     # "refine" = the encoder's code refined against the training items' map (sae_model.placement,
     # umap-learn's transform started from the encoder): on 20 Newsgroups it lifted the test posts'
     # trustworthiness from 0.648 to 0.718 (UMAP 0.689) and kept their 5-NN accuracy (0.343 -> 0.357;
-    # README, docs/news20_results.md). Needs
-    # train.split_column (its train_value items are the reference, and keep their codes); the driver
-    # holds every item's features and code while it places them.
+    # README, docs/news20_results.md). Needs train.split_column (its train_value items are the
+    # reference, and keep their codes); the driver holds every item's features and code while it
+    # places them.
     placement: Literal["encoder", "refine"] = "encoder"
     seed: Int = 0
 

@@ -39,21 +39,19 @@ def codes_table(
     infer: InferConfig,
     scored_at: datetime,
     alignment: Alignment | None = None,
-    reference: tuple[str, str, str] | None = None,
+    reference: DataFrame | None = None,
 ) -> DataFrame:
     """The CODES table of the Parquet table at ``features_path``: item_id, code, x/y for 2-D codes,
     model provenance and scoring time.
 
-    ``reference`` = (items path, split column, training value): the items outside the training split
-    are placed against the training items' map (:func:`placed_codes`, ``infer.placement=refine``).
+    ``reference``: :func:`reference_items`' (item_id, _reference) table; the items outside the training
+    split are placed against the training items' map (:func:`placed_codes`, ``infer.placement=refine``).
     ``alignment`` (``pipelines.alignment``) is applied to the code after that, before x/y are taken
     from it.
     """
     scored = score_parquet(spark, features_path, model, layer=-1, batch_rows=infer.batch_size, threads=infer.torch_threads)
     if reference is not None:
-        items_path, split_column, train_value = reference
-        scored = placed_codes(scored, spark.read.parquet(features_path), spark.read.parquet(items_path), split_column,
-                              train_value, seed=infer.seed)
+        scored = placed_codes(scored, spark.read.parquet(features_path), reference, seed=infer.seed)
     if alignment is not None:
         scored = scored.withColumn("code", aligned_code(F.col("code"), alignment))
     two_d = F.size("code") == 2
@@ -79,12 +77,12 @@ def reference_items(items: DataFrame, split_column: str, train_value: str) -> Da
     Raises ``sae_model.config.ConfigError`` when ``items`` lacks the column or when no item, or too few
     to place against (``sae_model.placement.N_NEIGHBORS`` or fewer), has the value (one small Spark
     query), so a job can check before it scores anything."""
+    from sae_model.placement import N_NEIGHBORS
+
     if split_column not in items.columns:
         raise ConfigError(f"train.split_column: items/ has no column {split_column!r} to take the training items "
                           f"from (infer.placement=refine); columns: {', '.join(items.columns)}")
     is_ref = (F.col(split_column).cast("string") == F.lit(train_value)).alias("_reference")
-    from sae_model.placement import N_NEIGHBORS
-
     out = items.select("item_id", is_ref).groupBy("item_id").agg(F.max("_reference").alias("_reference"))
     found = out.where("_reference").limit(N_NEIGHBORS + 1).count()
     if not found:
@@ -96,20 +94,19 @@ def reference_items(items: DataFrame, split_column: str, train_value: str) -> Da
     return out
 
 
-def placed_codes(
-    scored: DataFrame, features: DataFrame, items: DataFrame, split_column: str, train_value: str, seed: int = 0
-) -> DataFrame:
-    """``scored`` (item_id, code) with the codes of the items whose ``split_column`` in ``items`` is not
-    ``train_value`` refined against the training items' codes (``sae_model.placement.refine_split``:
-    umap-learn's ``transform``, McInnes et al. 2018, started from the encoder's codes); the training
-    items keep theirs. ``features``: the FEATURES table (item_id, features) the codes were scored from.
+def placed_codes(scored: DataFrame, features: DataFrame, reference: DataFrame, seed: int = 0) -> DataFrame:
+    """``scored`` (item_id, code) with the codes of the items that are not training items in
+    ``reference`` (:func:`reference_items`; items it lacks count as new) refined against the training
+    items' codes (``sae_model.placement.refine_split``: umap-learn's ``transform``, McInnes et al. 2018,
+    started from the encoder's codes); the training items keep theirs. ``features``: the FEATURES table
+    (item_id, features) the codes were scored from.
 
     Runs on the driver: every item's features and code are collected (float32, items x (dim + code
     width)) and the exact kNN of the new items among the training ones is computed there, so it is
     meant for the tens of thousands of items of a document or catalogue map. Raises
     ``sae_model.config.ConfigError`` (a ``ValueError``; the job prints ``config error: ...`` and exits
-    2, nothing published) when ``items`` lacks ``split_column``, when no item has ``train_value`` or
-    when too few do (``sae_model.placement.refine_codes``'s checks).
+    2, nothing published) when no scored item, or too few, is a training item
+    (``sae_model.placement.refine_codes``'s checks).
     """
     import numpy as np
     import pandas as pd
@@ -119,23 +116,23 @@ def placed_codes(
     rows = (
         scored.select("item_id", "code")
         .join(features.select("item_id", "features"), "item_id")
-        .join(reference_items(items, split_column, train_value), "item_id", "left")
+        .join(reference, "item_id", "left")
         .select("item_id", "code", "features", F.coalesce("_reference", F.lit(False)).alias("_reference"))
         .toPandas()
         .sort_values("item_id", kind="stable")  # the same rows in the same order: the same placement on a rerun
     )
-    reference = rows["_reference"].to_numpy(dtype=bool)
-    if not reference.any():
-        raise ConfigError(f"train.train_value: no scored item has {split_column} == {train_value!r}: nothing to "
-                          "place the others against (infer.placement=refine)")
+    is_ref = rows["_reference"].to_numpy(dtype=bool)
+    if not is_ref.any():
+        raise ConfigError("train.train_value: no scored item is a training item: nothing to place the others "
+                          "against (infer.placement=refine)")
     t0 = time.perf_counter()
     x = np.stack(rows["features"].to_numpy()).astype(np.float32)
     try:
-        codes = refine_split(x, np.stack(rows["code"].to_numpy()), reference, seed=seed)
+        codes = refine_split(x, np.stack(rows["code"].to_numpy()), is_ref, seed=seed)
     except ValueError as exc:  # e.g. a training split of a handful of items: too few to place against
         raise ConfigError(f"infer.placement: refine: {exc}") from exc
-    log.info("placed %d items against the map of %d training items (%.1f s)", int((~reference).sum()),
-             int(reference.sum()), time.perf_counter() - t0)
+    log.info("placed %d items against the map of %d training items (%.1f s)", int((~is_ref).sum()),
+             int(is_ref.sum()), time.perf_counter() - t0)
     out = pd.DataFrame({"item_id": rows["item_id"].to_numpy(dtype=np.int64), "code": list(codes)})
     # Elements declared non-null as CODES has them (Spark will not cast array<float> with nulls allowed
     # to one without).
@@ -199,8 +196,8 @@ def predict_batch(
         if infer.placement == "refine":
             if not split or not split[0]:
                 raise ConfigError("infer.placement: refine needs train.split_column: the training items to place against")
-            reference = (ingest.path("items"), *split)
-            reference_items(spark.read.parquet(reference[0]), *split)  # bad settings fail before scoring
+            # Bad settings fail here, before anything is scored.
+            reference = reference_items(spark.read.parquet(ingest.path("items")), *split)
         codes_table(spark, features_path, model, infer, scored_at, alignment, reference).write.parquet(codes_path)
         codes = spark.read.parquet(codes_path)
         summary["items"] = codes.count()
